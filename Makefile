@@ -1,0 +1,29 @@
+# Orchard: `make run` serves the embedded model, `make test` runs the whole suite.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: run test setup model bench clean
+
+$(BIN)/orchard: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
+	touch $@
+
+setup: $(BIN)/orchard
+
+model: setup
+	$(BIN)/orchard model prepare
+
+run: model
+	$(BIN)/orchard serve
+
+test: model
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+bench: model
+	$(BIN)/orchard bench $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

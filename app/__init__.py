@@ -1,0 +1,26 @@
+"""Orchard's web layer. Gunicorn loads `app:create_app()` in the worker, after fork."""
+from __future__ import annotations
+
+from typing import Optional
+
+from flask import Flask
+
+from app.state import Orchard
+from config import Settings, load_settings
+
+
+def create_app(settings: Optional[Settings] = None, engine=None) -> Flask:
+    """The only place where Orchard is wired together. Starts the engine thread."""
+    settings = settings or load_settings()
+    app = Flask("orchard")
+    app.json.sort_keys = False
+    app.config["MAX_CONTENT_LENGTH"] = 8 * 1024 * 1024
+
+    from app import errors
+    from app.routes import api
+
+    errors.install(app)
+    app.register_blueprint(api)
+    orchard = Orchard.start(settings, engine)
+    app.extensions["orchard"] = orchard
+    return app

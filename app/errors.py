@@ -1,0 +1,83 @@
+"""The one place errors become OpenAI's envelope: {"error": {message, type, param, code}}."""
+from __future__ import annotations
+
+from typing import Optional
+
+from flask import Flask, Response, json
+from pydantic import ValidationError
+from werkzeug.exceptions import HTTPException
+
+
+class APIError(Exception):
+    """An error a client should see, with its HTTP status and OpenAI type."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
+                 param: Optional[str] = None, code: Optional[str] = None,
+                 headers: Optional[dict] = None):
+        super().__init__(message)
+        self.status, self.message, self.type = status, message, type
+        self.param, self.code, self.headers = param, code, headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def bad_request(message: str, param: Optional[str] = None, code: Optional[str] = None) -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+def overloaded(message: str, retry_after: int = 1) -> APIError:
+    return APIError(503, message, type="server_is_overloaded", code="server_is_overloaded",
+                    headers={"Retry-After": str(retry_after)})
+
+
+def from_validation(exc: ValidationError) -> APIError:
+    first = exc.errors(include_url=False)[0]
+    loc = [str(part) for part in first.get("loc", ())]
+    if first.get("type", "").startswith("json"):
+        return bad_request(f"The request body is not valid JSON: {first.get('msg')}", code="invalid_json")
+    param = ".".join(loc) or None
+    message = first.get("msg", "invalid value")
+    if first.get("type") == "extra_forbidden":
+        message = f"Unrecognized request argument supplied: {loc[-1]}"
+    elif param:
+        message = f"Invalid value for '{param}': {message}"
+    return bad_request(message, param=param, code="invalid_value")
+
+
+_HTTP_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+               405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error"}
+
+
+def response(error: APIError) -> Response:
+    resp = Response(json.dumps(error.body()), status=error.status, mimetype="application/json")
+    for key, value in error.headers.items():
+        resp.headers[key] = value
+    return resp
+
+
+def install(app: Flask) -> None:
+    """Every error, including Flask's own 404/405 and unexpected ones, leaves as an envelope."""
+
+    @app.errorhandler(APIError)
+    def _api(error: APIError):
+        return response(error)
+
+    @app.errorhandler(ValidationError)
+    def _validation(error: ValidationError):
+        return response(from_validation(error))
+
+    @app.errorhandler(HTTPException)
+    def _http(error: HTTPException):
+        status = error.code or 500
+        kind = _HTTP_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
+        message = {404: "Unknown route", 405: "Method not allowed for this route"}.get(status, error.description)
+        allow = dict(error.get_headers()).get("Allow")
+        headers = {"Allow": allow} if allow else None
+        return response(APIError(status, f"{message}", type=kind, code=kind if status != 405 else "method_not_allowed",
+                                 headers=headers))
+
+    @app.errorhandler(Exception)
+    def _unexpected(error: Exception):
+        app.logger.exception("unhandled error")
+        return response(APIError(500, "Internal server error", type="server_error", code="internal_error"))

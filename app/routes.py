@@ -1,0 +1,53 @@
+"""HTTP routes: parse, call a service, shape the response. Nothing else lives here."""
+from __future__ import annotations
+
+from flask import Blueprint, Response, current_app, jsonify, request, stream_with_context
+
+from app.errors import APIError
+from app.protocol import ChatCompletionRequest
+
+api = Blueprint("api", __name__)
+
+
+def _orchard():
+    return current_app.extensions["orchard"]
+
+
+@api.get("/health")
+def health():
+    ok, why = _orchard().health()
+    if not ok:
+        raise APIError(503, why, type="server_error", code="engine_unavailable", headers={"Retry-After": "5"})
+    return jsonify(status="ok")
+
+
+@api.get("/v1/models")
+def models():
+    model = _orchard().require_ready().model
+    return jsonify(object="list", data=[{"id": model.model_id, "object": "model", "created": model.created,
+                                         "owned_by": "orchard", "context_length": model.context_length}])
+
+
+@api.get("/v1/models/<path:model_id>")
+def model_detail(model_id: str):
+    model = _orchard().require_ready().model
+    if model_id != model.model_id:
+        raise APIError(404, f"The model '{model_id}' does not exist", type="not_found_error",
+                       param="model", code="model_not_found")
+    return jsonify(id=model.model_id, object="model", created=model.created, owned_by="orchard")
+
+
+@api.post("/v1/chat/completions")
+def chat_completions():
+    body = ChatCompletionRequest.model_validate_json(request.get_data(cache=False) or b"null")
+    chat = _orchard().require_ready()
+    prepared = chat.prepare(body)
+    if not body.stream:
+        return jsonify(chat.complete(prepared))
+    return Response(stream_with_context(chat.stream(prepared)), mimetype="text/event-stream",
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+@api.get("/v1/system/status")
+def system_status():
+    return jsonify(_orchard().status.report())

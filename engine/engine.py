@@ -1,0 +1,229 @@
+"""The engine: one native OS thread that owns MLX, the model and the batch.
+
+Gunicorn's gevent worker monkey-patches `threading`, so a plain Thread would be
+a greenlet and MLX work would block the event loop. The engine thread is started
+with the original `_thread.start_new_thread`, receives work through a C-level
+SimpleQueue (a real OS-thread queue, unpatched), and sends results back through
+the OutputBridge. Its loop: drain the inbox, admit, step once, publish; it
+blocks only when there is no work.
+"""
+from __future__ import annotations
+
+import _queue
+import enum
+import logging
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from gevent import monkey
+
+from engine.bridge import OutputBridge, RequestStream
+from engine.messages import AbortRequest, AddRequest, Finished, Shutdown, TokenDelta
+from engine.model import LoadedModel
+from engine.scheduler import Scheduler, Sequence
+
+log = logging.getLogger("orchard.engine")
+_start_native_thread = monkey.get_original("_thread", "start_new_thread")
+_IDLE_WAKE_S = 1.0  # idle heartbeat, so liveness checks see a beating loop
+
+
+class EngineState(str, enum.Enum):
+    LOADING = "loading"
+    READY = "ready"
+    FAILED = "failed"
+    STOPPED = "stopped"
+
+
+@dataclass
+class EngineStats:
+    """Counters written by the engine thread only; readers see plain ints."""
+
+    steps: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    requests_finished: int = 0
+    requests_failed: int = 0
+    max_batch_seen: int = 0
+    current_batch: int = 0
+    kv_cache_bytes: int = 0
+    mlx_active_bytes: int = 0
+    mlx_peak_bytes: int = 0
+    mlx_cache_bytes: int = 0
+    last_beat: float = 0.0
+
+
+class Engine:
+    """Public face used by the web layer; safe to call from request greenlets."""
+
+    def __init__(self, loader: Callable[[], LoadedModel], *, max_running: int,
+                 generator_factory: Callable[[LoadedModel, int], object]):
+        self._loader = loader
+        self._generator_factory = generator_factory
+        self._inbox = _queue.SimpleQueue()
+        self._scheduler = Scheduler(max_running=max_running)
+        self._bridge: Optional[OutputBridge] = None
+        self._generator = None
+        self.model: Optional[LoadedModel] = None
+        self.state = EngineState.LOADING
+        self.error: Optional[str] = None
+        self.blas = "not loaded yet"
+        self.stats = EngineStats()
+
+    # ---- web side -------------------------------------------------------
+    def start(self) -> None:
+        """Start the engine thread. Call from the thread that runs the gevent hub."""
+        self._bridge = OutputBridge()
+        _start_native_thread(self._run, ())
+
+    def submit(self, request: AddRequest) -> RequestStream:
+        stream = self._bridge.open(request.request_id)
+        self._inbox.put(request)
+        return stream
+
+    def abort(self, request_id: str, reason: str = "abort") -> None:
+        self._inbox.put(AbortRequest(request_id, reason))
+
+    def shutdown(self) -> None:
+        self._inbox.put(Shutdown())
+
+    @property
+    def running(self) -> int:
+        return len(self._scheduler.running)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._scheduler.waiting) + self._inbox.qsize()
+
+    # ---- engine thread ----------------------------------------------------
+    def _run(self) -> None:
+        try:
+            self.model = self._loader()
+            self._generator = self._generator_factory(self.model, self._scheduler.max_running)
+            self._sample_memory()
+            self.state = EngineState.READY
+            log.info("engine ready: %s", self.model.model_id)
+        except BaseException as exc:  # a failed load must reach /health, not vanish
+            self.error = f"model load failed: {exc}"
+            self.state = EngineState.FAILED
+            log.error("%s\n%s", self.error, traceback.format_exc())
+            return
+        try:
+            while self._drain_inbox(block=not self._scheduler.has_work):
+                self._admit()
+                if self._scheduler.running:
+                    self._step()
+            self.state = EngineState.STOPPED
+        except BaseException as exc:
+            self.error = f"engine loop died: {exc!r}"
+            self.state = EngineState.FAILED
+            log.critical("%s\n%s", self.error, traceback.format_exc())
+            self._fail_all(self.error)
+
+    def _drain_inbox(self, block: bool) -> bool:
+        """Apply every queued message; False once Shutdown arrives."""
+        while True:
+            try:
+                message = self._inbox.get(timeout=_IDLE_WAKE_S) if block else self._inbox.get_nowait()
+            except _queue.Empty:
+                self.stats.last_beat = time.monotonic()
+                self._sample_memory()
+                if block:
+                    continue
+                return True
+            block = False
+            if isinstance(message, AddRequest):
+                self._scheduler.add(message)
+            elif isinstance(message, AbortRequest):
+                self._abort(message)
+            elif isinstance(message, Shutdown):
+                self._fail_all("server shutting down", finish_reason="abort")
+                return False
+
+    def _admit(self) -> None:
+        for sequence in self._scheduler.admissions():
+            try:
+                uid = self._generator.insert(sequence.request)
+            except Exception as exc:  # a bad request fails alone
+                self._publish([(sequence.request_id, _error(exc))])
+                continue
+            self._scheduler.start(sequence, uid)
+            self.stats.prompt_tokens += len(sequence.request.prompt_tokens)
+
+    def _step(self) -> None:
+        try:
+            tokens = self._generator.step()
+        except Exception as exc:
+            log.error("engine step failed: %s\n%s", exc, traceback.format_exc())
+            self._fail_running(exc)
+            return
+        deltas: dict[str, list[int]] = {}
+        finished = []
+        for t in tokens:
+            sequence = self._scheduler.running[t.uid]
+            sequence.completion_tokens += 1
+            if t.finish_reason != "stop":  # the stop token itself is not text
+                deltas.setdefault(sequence.request_id, []).append(t.token)
+            if t.finish_reason is not None:
+                self._scheduler.finish(t.uid)
+                finished.append((sequence.request_id, self._finished(sequence, t.finish_reason)))
+        self._record_step(len(tokens))
+        self._publish([(rid, TokenDelta(ids)) for rid, ids in deltas.items()] + finished)
+
+    def _record_step(self, n_tokens: int) -> None:
+        s = self.stats
+        s.steps += 1
+        s.generated_tokens += n_tokens
+        s.current_batch = self._generator.decoding
+        s.max_batch_seen = max(s.max_batch_seen, n_tokens)
+        s.kv_cache_bytes = self._generator.kv_cache_bytes
+        s.last_beat = time.monotonic()
+        if s.steps % 16 == 0:
+            self._sample_memory()
+
+    def _sample_memory(self) -> None:
+        import mlx.core as mx  # engine thread: the only MLX caller
+
+        s = self.stats
+        s.mlx_active_bytes, s.mlx_peak_bytes = mx.get_active_memory(), mx.get_peak_memory()
+        s.mlx_cache_bytes = mx.get_cache_memory()
+
+    def _abort(self, message: AbortRequest) -> None:
+        where, sequence = self._scheduler.find(message.request_id)
+        if where == "waiting":
+            self._scheduler.drop_waiting(sequence)
+        elif where == "running":
+            self._generator.remove(sequence.uid)
+            self._scheduler.finish(sequence.uid)
+        else:
+            return
+        self._publish([(sequence.request_id, self._finished(sequence, message.reason))])
+
+    def _finished(self, sequence: Sequence, reason: str) -> Finished:
+        self.stats.requests_finished += 1
+        return Finished(reason, len(sequence.request.prompt_tokens), sequence.completion_tokens)
+
+    def _fail_running(self, exc: Exception) -> None:
+        """A failed step touched every running row: fail those, keep serving the rest."""
+        failed = [(seq.request_id, _error(exc)) for seq in self._scheduler.running.values()]
+        self._scheduler.running.clear()
+        self.stats.requests_failed += len(failed)
+        self._generator = self._generator_factory(self.model, self._scheduler.max_running)
+        self._publish(failed)
+
+    def _fail_all(self, why: str, finish_reason: str = "error") -> None:
+        sequences = list(self._scheduler.running.values()) + list(self._scheduler.waiting)
+        self._scheduler.running.clear()
+        self._scheduler.waiting.clear()
+        ended = [(s.request_id, Finished(finish_reason, error=why, error_type="server_error")) for s in sequences]
+        if ended and self._bridge is not None:
+            self._publish(ended)
+
+    def _publish(self, items: list) -> None:
+        if items:
+            self._bridge.post(items)
+
+
+def _error(exc: Exception) -> Finished:
+    return Finished("error", error=str(exc) or exc.__class__.__name__, error_type="server_error")

@@ -1,0 +1,81 @@
+"""The one module that drives mlx-lm's BatchGenerator (pinned: its API changed within 0.32.x).
+
+Runs on the engine thread only: every call here touches MLX.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+import mlx.core as mx
+from mlx_lm.generate import BatchGenerator, StopSequences
+
+from engine.messages import AddRequest
+from engine.sampling import SamplerFactory
+
+
+@dataclass(frozen=True)
+class StepToken:
+    uid: int
+    token: int
+    finish_reason: Optional[str]  # None, 'stop' or 'length'
+
+
+class Generator:
+    """Continuous batching over one model: insert, remove, step."""
+
+    def __init__(self, model, eos_token_ids: Iterable[int], *, max_batch: int,
+                 prefill_batch_size: int, prefill_step_size: int):
+        self._eos = tuple(sorted(set(eos_token_ids)))
+        self._stream = mx.new_stream(mx.default_device())
+        self._batch = BatchGenerator(
+            model,
+            stop_tokens=[[t] for t in self._eos],
+            completion_batch_size=max_batch,
+            prefill_batch_size=min(prefill_batch_size, max_batch),
+            prefill_step_size=prefill_step_size,
+            stream=self._stream,
+        )
+        self._samplers = SamplerFactory()
+        self._stops: dict[tuple[int, ...], StopSequences] = {}
+        self.active = 0
+
+    def insert(self, request: AddRequest) -> int:
+        params = request.sampling
+        (uid,) = self._batch.insert(
+            [request.prompt_tokens],
+            max_tokens=[request.max_tokens],
+            samplers=[self._samplers.sampler(params)],
+            logits_processors=[self._samplers.logits_processors(params, request.max_tokens)],
+            stop_sequences=[self._stop_sequences(request.stop_token_ids, request.ignore_eos)],
+        )
+        self.active += 1
+        return uid
+
+    def remove(self, uid: int) -> None:
+        self._batch.remove([uid])
+        self.active -= 1
+
+    def step(self) -> list[StepToken]:
+        """One engine step: prefill some prompts and/or decode one token for every running row."""
+        _, responses = self._batch.next()
+        out = [StepToken(r.uid, r.token, r.finish_reason) for r in responses]
+        self.active -= sum(1 for t in out if t.finish_reason is not None)
+        return out
+
+    @property
+    def decoding(self) -> int:
+        return len(self._batch._generation_batch)
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return self._batch.prompt_cache_nbytes
+
+    def _stop_sequences(self, extra: tuple[int, ...], ignore_eos: bool) -> StopSequences:
+        key = tuple(sorted(set(extra) | (set() if ignore_eos else set(self._eos))))
+        if key not in self._stops:
+            self._stops[key] = StopSequences([[t] for t in key] or None)
+        return self._stops[key]
+
+    def close(self) -> None:
+        self._batch.close()

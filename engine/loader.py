@@ -1,0 +1,54 @@
+"""Load a model on the engine thread: real weights through mlx-lm, or dummy weights.
+
+Dummy weights (LOAD_FORMAT=dummy) build the architecture from config.json and keep
+MLX's random initialisation, like vLLM's dummy load format: benchmarks of a
+model's shape need no download.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from engine.model import LoadedModel, context_length_of
+from engine.model_source import ModelSource
+
+
+def load(source: ModelSource, load_format: str = "weights") -> LoadedModel:
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm.utils import load as mlx_load
+
+    if load_format == "dummy":
+        model, tokenizer, config = _load_dummy(Path(source.location))
+    else:
+        model, tokenizer, config = mlx_load(source.location, return_config=True)
+    params = tree_flatten(model.parameters())
+    mx.eval([p for _, p in params])
+    dtypes = {str(p.dtype).replace("mlx.core.", "") for _, p in params}
+    return LoadedModel(
+        model_id=source.model_id,
+        path=Path(source.location),
+        model=model,
+        tokenizer=tokenizer,
+        config=config,
+        context_length=context_length_of(config),
+        eos_token_ids=tuple(sorted(tokenizer.eos_token_ids)),
+        weight_bytes=sum(p.nbytes for _, p in params),
+        dtype=",".join(sorted(dtypes)),
+        created=int(time.time()),
+    )
+
+
+def _load_dummy(path: Path):
+    import mlx.core as mx
+    from mlx_lm.utils import _get_classes, load_tokenizer
+
+    config = json.loads((path / "config.json").read_text())
+    model_class, args_class = _get_classes(config)
+    model = model_class(args_class.from_dict(config))
+    dtype = getattr(mx, config.get("torch_dtype", "float32"), mx.float32)
+    model.set_dtype(dtype)
+    eos = config.get("eos_token_id")
+    tokenizer = load_tokenizer(path, eos_token_ids=[eos] if isinstance(eos, int) else eos)
+    return model, tokenizer, config

@@ -1,0 +1,30 @@
+"""Gunicorn settings for Orchard: one gevent worker that owns the one MLX engine.
+
+Every value comes from config.Settings (environment / .env / .env.production).
+"""
+from config import load_settings
+
+_settings = load_settings()
+
+bind = f"{_settings.host}:{_settings.port}"
+# Exactly one worker: the engine owns the device and the model is loaded once. Several
+# processes would each load the model, and on a Mac they collide in Metal (the seed's
+# 4-worker test failed with "Unable to build metal library"). Concurrency comes from
+# gevent connections plus continuous batching inside the worker.
+workers = 1
+worker_class = "gevent"
+worker_connections = _settings.worker_connections
+timeout = _settings.timeout
+graceful_timeout = _settings.graceful_timeout
+keepalive = _settings.keep_alive
+# Never recycle the worker: with one worker, max_requests (the seed's 2000) would kill
+# it, drop every in-flight request and reload the model. 0 disables recycling.
+max_requests = 0
+max_requests_jitter = 0
+# Load the app in the worker, after fork: MLX must never be touched in the master.
+preload_app = False
+wsgi_app = "app:create_app()"
+accesslog = None
+errorlog = "-"
+loglevel = _settings.log_level
+proc_name = "orchard"

@@ -1,0 +1,90 @@
+"""The `orchard` command: serve, bench, model prepare/import, config check."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="orchard", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the server (Gunicorn, one gevent worker)")
+    serve.add_argument("--model", help="overrides MODEL")
+    serve.add_argument("--host", help="overrides HOST")
+    serve.add_argument("--port", help="overrides PORT")
+    sub.add_parser("bench", help="benchmark an OpenAI-compatible server (see `orchard bench --help`)",
+                   add_help=False)
+    model = sub.add_parser("model", help="prepare or import models")
+    model_sub = model.add_subparsers(dest="action", required=True)
+    model_sub.add_parser("prepare", help="fetch and import the configured MODEL ahead of serving")
+    imp = model_sub.add_parser("import", help="convert a GGUF file into a cached MLX model folder")
+    imp.add_argument("gguf", type=Path)
+    imp.add_argument("--dtype", default="auto", choices=("auto", "keep", "float32", "float16", "bfloat16"))
+    config = sub.add_parser("config", help="settings")
+    config.add_subparsers(dest="action", required=True).add_parser("check", help="validate and print settings")
+
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "bench":
+        from bench.cli import main as bench_main
+
+        return bench_main(rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return {"serve": _serve, "model": _model, "config": _config}[args.command](args)
+
+
+def _settings():
+    from config import SettingsError, load_settings
+
+    try:
+        return load_settings()
+    except SettingsError as exc:
+        sys.exit(f"orchard: invalid setting: {exc}")
+
+
+def _serve(args) -> int:
+    for name in ("model", "host", "port"):
+        if getattr(args, name):
+            os.environ[name.upper()] = str(getattr(args, name))
+    _settings()  # fail here, with a readable message, before Gunicorn starts
+    conf = ROOT / "gunicorn.conf.py"
+    os.execv(sys.executable, [sys.executable, "-m", "gunicorn", "-c", str(conf)])
+    return 0
+
+
+def _progress(stage: str, fraction: float) -> None:
+    end = "\n" if fraction >= 1.0 else ""
+    print(f"\r  {stage:<40} {fraction * 100:5.1f}%", end=end, file=sys.stderr, flush=True)
+
+
+def _model(args) -> int:
+    from engine.model_source import import_dtype, resolve
+
+    settings = _settings()
+    if args.action == "prepare":
+        source = resolve(settings.model, settings.cache_dir, dtype_setting=settings.model_dtype,
+                         model_id=settings.model_id, progress=_progress)
+        print(f"model '{source.model_id}' ready at {source.location}")
+        return 0
+    from engine.gguf import import_gguf
+
+    out = import_gguf(args.gguf, settings.cache_dir / "imported", dtype=import_dtype(args.dtype), progress=_progress)
+    print(f"imported to {out}\nserve it with: MODEL={out} orchard serve")
+    return 0
+
+
+def _config(args) -> int:
+    settings = _settings()
+    width = max(len(env) for env, _, _ in settings.describe())
+    for env, value, help_text in settings.describe():
+        print(f"{env:<{width}}  {value:<28}  {help_text}")
+    print("settings OK")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

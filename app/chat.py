@@ -21,6 +21,7 @@ from engine.messages import AddRequest, Finished, TokenDelta
 from engine.model import LoadedModel
 
 KEEPALIVE_S = 5.0
+_IDLE = object()
 
 
 @dataclass
@@ -108,9 +109,9 @@ class ChatService:
                 if pieces:
                     yield chunks.delta("".join(pieces))
                     pieces.clear()
-                elif finished is None:
-                    yield SSE_KEEPALIVE
-                if finished is not None:
+                elif finished is _IDLE:
+                    yield SSE_KEEPALIVE  # queued or slow: lets a gone client be noticed
+                if finished not in (None, _IDLE):
                     break
             if finished.finish_reason == "error":
                 yield sse(APIError(500, f"Generation failed: {finished.error}", type="server_error",
@@ -126,9 +127,13 @@ class ChatService:
                 self._engine.abort(p.completion_id)
 
     def _drain(self, stream, text: TextAssembler, emit, once: bool = False):
-        """Feed engine messages into `text`; returns the Finished marker, or None after one wait."""
+        """Feed engine messages into `text`; returns the Finished marker, or (once=True) None
+        after one batch of messages, _IDLE after a wait that brought nothing."""
         while True:
-            for message in stream.next_batch(timeout=KEEPALIVE_S):
+            messages = stream.next_batch(timeout=KEEPALIVE_S)
+            if once and not messages:
+                return _IDLE
+            for message in messages:
                 if isinstance(message, TokenDelta):
                     piece = text.add(message.token_ids)
                     if piece:

@@ -1,0 +1,40 @@
+"""Shared fixtures: models (the embedded one, a tiny random Qwen2) and server processes."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.server import ServerProcess
+
+ORCHARD_HOME = os.environ.get("ORCHARD_HOME", str(Path("~/.cache/orchard").expanduser()))
+
+
+@pytest.fixture(scope="session")
+def orchard_home() -> str:
+    return ORCHARD_HOME
+
+
+@pytest.fixture(scope="session")
+def embedded_model_dir(orchard_home) -> Path:
+    """The embedded SmolLM2 imported to MLX (fetched and converted once per machine)."""
+    from engine.model_source import resolve
+
+    return Path(resolve("embedded", Path(orchard_home)).location)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    from engine.random_model import write_random_model
+
+    return write_random_model(tmp_path_factory.mktemp("tiny-qwen2"), "tiny")
+
+
+@pytest.fixture(scope="module")
+def embedded_server(tmp_path_factory, orchard_home, embedded_model_dir):
+    """One real Gunicorn server on the embedded model, shared by a test module."""
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    server = ServerProcess({"MODEL": "embedded", "ORCHARD_HOME": orchard_home}, log).start()
+    yield server
+    server.stop()

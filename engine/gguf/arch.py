@@ -68,6 +68,10 @@ def check_supported(header: GGUFHeader) -> str:
             f"(e.g. tensor {names[0]!r}); MLX reads "
             f"{', '.join(sorted(NATIVE_TYPES | DEQUANTIZED_BY_MLX))}"
         )
+    if "rope_freqs.weight" in header.tensors:
+        raise UnsupportedGGUF(
+            "Llama 3.1-style RoPE frequency factors (tensor 'rope_freqs.weight')"
+        )
     for name in header.tensors:
         hf_name(name)  # raises on tensors we would silently drop
     scaling = header.metadata.get(f"{arch}.rope.scaling.type", "none")

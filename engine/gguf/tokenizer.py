@@ -63,17 +63,27 @@ def build_tokenizer(header: GGUFHeader) -> Tokenizer:
         raise UnsupportedGGUF(
             f"unsupported tokenizer model {kind!r} (only byte-level BPE 'gpt2')"
         )
-    tokens: list[str] = md["tokenizer.ggml.tokens"]
+    tokens: list[str] = md.get("tokenizer.ggml.tokens") or []
+    if not tokens:
+        raise UnsupportedGGUF("GGUF has no tokenizer vocabulary (tokenizer.ggml.tokens)")
     types: list[int] = md.get("tokenizer.ggml.token_type") or [1] * len(tokens)
     vocab: dict[str, int] = {}
     for i, tok in enumerate(tokens):
         vocab.setdefault(tok, i)  # duplicated padding entries keep the first id
     merges = [tuple(m.split(" ", 1)) for m in md.get("tokenizer.ggml.merges", [])]
 
-    tok = Tokenizer(
-        models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False)
-    )
     pre = md.get("tokenizer.ggml.pre", "default")
+    # Llama 3's tokenizer.json looks whole words up in the vocab before
+    # merging (ignore_merges); the others apply merges only.
+    tok = Tokenizer(
+        models.BPE(
+            vocab=vocab,
+            merges=merges,
+            fuse_unk=False,
+            byte_fallback=False,
+            ignore_merges=pre in ("llama-bpe", "llama3"),
+        )
+    )
     if pre == "qwen2":
         tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = _pre_tokenizer(pre)

@@ -50,14 +50,17 @@ def _unpermute_rope_rows(x: mx.array, n_heads: int) -> mx.array:
     return x.swapaxes(1, 2).reshape(rows, *rest)
 
 
-def _dequantize(weights: dict[str, mx.array], base: str, bits: int) -> mx.array:
-    return mx.dequantize(
+def _dequantize(weights: dict[str, mx.array], base: str, bits: int, dtype: mx.Dtype) -> mx.array:
+    # mx.dequantize computes in the dtype of scales/biases; doing it in
+    # float32 avoids rounding every weight through the file's float16.
+    w = mx.dequantize(
         weights[f"{base}.weight"],
-        weights[f"{base}.scales"],
-        weights[f"{base}.biases"],
+        weights[f"{base}.scales"].astype(mx.float32),
+        weights[f"{base}.biases"].astype(mx.float32),
         group_size=QUANT_GROUP_SIZE,
         bits=bits,
     )
+    return w.astype(dtype)
 
 
 def convert_weights(
@@ -72,9 +75,7 @@ def convert_weights(
     entry (default plus per-layer overrides) or None when nothing stays
     quantized.
     """
-    if dtype is not None and dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)} or None, not {dtype!r}")
-    target = DTYPES.get(dtype)
+    target = DTYPES[dtype] if dtype is not None else None
     # Keyed by module path ("model.layers.0.self_attn.q_proj") -> bits.
     quantized: dict[str, int] = {}
     out: dict[str, mx.array] = {}
@@ -84,7 +85,7 @@ def convert_weights(
         module = hf_name(gguf_name).rsplit(".", 1)[0]
         bits = QUANT_BITS.get(info.type_name)
         if bits is not None and target is not None:
-            out[f"{module}.weight"] = _dequantize(tensors, base, bits).astype(target)
+            out[f"{module}.weight"] = _dequantize(tensors, base, bits, target)
             continue
         if bits is not None:
             quantized[module] = bits

@@ -1,0 +1,36 @@
+"""Run an Engine in-process for tests: greenlets submit, the native engine thread computes."""
+from __future__ import annotations
+
+import itertools
+
+import gevent
+
+from engine.engine import Engine, EngineState
+from engine.messages import AddRequest, Finished, TokenDelta
+
+_ids = itertools.count()
+
+
+def wait_ready(engine: Engine, timeout: float = 120) -> None:
+    with gevent.Timeout(timeout):
+        while engine.state is EngineState.LOADING:
+            gevent.sleep(0.05)
+    assert engine.state is EngineState.READY, engine.error
+
+
+def run(engine: Engine, prompt: list[int], max_tokens: int, **kwargs) -> tuple[list[int], Finished]:
+    """Submit one request and collect its tokens until its Finished marker."""
+    request = AddRequest(f"r{next(_ids)}", prompt, max_tokens, **kwargs)
+    stream = engine.submit(request)
+    tokens: list[int] = []
+    while stream.finished is None:
+        for message in stream.next_batch(timeout=60):
+            if isinstance(message, TokenDelta):
+                tokens.extend(message.token_ids)
+    return tokens, stream.finished
+
+
+def run_many(engine: Engine, prompts: list[list[int]], max_tokens: int, **kwargs):
+    jobs = [gevent.spawn(run, engine, p, max_tokens, **kwargs) for p in prompts]
+    gevent.joinall(jobs, raise_error=True)
+    return [job.value for job in jobs]

@@ -1,0 +1,86 @@
+"""The engine in-process on a tiny random Qwen2: batching, abort, seeds, fault isolation."""
+from __future__ import annotations
+
+import gevent
+import pytest
+
+from config import load_settings
+from engine.factory import build_engine
+from engine.messages import AddRequest
+from engine.sampling import SamplingParams
+from tests.engine_harness import run, run_many, wait_ready
+
+GREEDY = SamplingParams(temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir):
+    settings = load_settings({"MODEL": str(tiny_model_dir), "MAX_CONCURRENT_REQUESTS": "8"}, dotenv=False)
+    engine = build_engine(settings)
+    engine.start()
+    wait_ready(engine)
+    yield engine
+    engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def prompts(engine):
+    tok = engine.model.tokenizer
+    texts = ["Hello world", "The capital of France", "Orchard serves", "A quick brown fox",
+             "What is the capital of Germany?", "0123456789", "jumps over the lazy dog", "Paris is"]
+    return [tok.encode(t, add_special_tokens=False) for t in texts]
+
+
+def test_batched_greedy_output_equals_one_at_a_time(engine, prompts):
+    alone = [run(engine, p, 12, sampling=GREEDY, ignore_eos=True)[0] for p in prompts]
+    before = engine.stats.max_batch_seen
+    together = [tokens for tokens, _ in run_many(engine, prompts, 12, sampling=GREEDY, ignore_eos=True)]
+    assert together == alone
+    assert engine.stats.max_batch_seen == 8 > before or before == 8  # all eight decoded in one step
+    assert (engine.running, engine.waiting) == (0, 0)
+
+
+def test_length_finish_and_exact_counts(engine, prompts):
+    tokens, finished = run(engine, prompts[0], 5, sampling=GREEDY, ignore_eos=True)
+    assert (finished.finish_reason, len(tokens), finished.completion_tokens) == ("length", 5, 5)
+    assert finished.prompt_tokens == len(prompts[0])
+
+
+def test_seeded_sampling_is_reproducible_inside_a_batch(engine, prompts):
+    seeded = SamplingParams(temperature=1.0, seed=1234)
+    alone = run(engine, prompts[1], 10, sampling=seeded, ignore_eos=True)[0]
+    mixed = run_many(engine, [prompts[1], prompts[2], prompts[3]], 10, sampling=seeded, ignore_eos=True)
+    assert mixed[0][0] == alone
+    other = run(engine, prompts[1], 10, sampling=SamplingParams(temperature=1.0, seed=99), ignore_eos=True)[0]
+    assert other != alone
+
+
+def test_abort_removes_a_running_sequence(engine, prompts):
+    stream = engine.submit(AddRequest("to-abort", prompts[0], 500, GREEDY, ignore_eos=True))
+    stream.next_batch(timeout=30)  # it is running
+    engine.abort("to-abort")
+    with gevent.Timeout(30):
+        while stream.finished is None:
+            stream.next_batch(timeout=5)
+    assert stream.finished.finish_reason == "abort"
+    assert stream.finished.completion_tokens < 500
+    assert (engine.running, engine.waiting) == (0, 0)
+
+
+def test_a_failing_step_fails_only_its_requests_and_the_engine_serves_on(engine, prompts, monkeypatch):
+    generator = engine._generator
+    real_step = generator.step
+    calls = {"n": 0}
+
+    def broken_step():
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("injected fault")
+        return real_step()
+
+    monkeypatch.setattr(generator, "step", broken_step)
+    _, finished = run(engine, prompts[0], 20, sampling=GREEDY, ignore_eos=True)
+    assert finished.finish_reason == "error" and "injected fault" in finished.error
+    tokens, finished = run(engine, prompts[0], 4, sampling=GREEDY, ignore_eos=True)
+    assert (finished.finish_reason, len(tokens)) == ("length", 4)
+    assert engine.stats.requests_failed >= 1

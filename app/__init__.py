@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from flask import Flask
+from flask import Flask, request
 
 from app.state import Orchard
 from config import Settings, load_settings
@@ -23,4 +23,11 @@ def create_app(settings: Optional[Settings] = None, engine=None) -> Flask:
     app.register_blueprint(api)
     orchard = Orchard.start(settings, engine)
     app.extensions["orchard"] = orchard
+
+    @app.after_request
+    def _count(response):
+        route = request.url_rule.rule if request.url_rule is not None else "unmatched"
+        orchard.metrics.http.labels(route, str(response.status_code)).inc()
+        return response
+
     return app

@@ -8,20 +8,20 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Optional
 
+from app import disconnect
 from app.errors import APIError, bad_request, overloaded
 from app.formatting import SSE_DONE, SSE_KEEPALIVE, ChunkWriter, chat_completion, sse
+from app.metrics import Metrics
 from app.output import TextAssembler
 from app.protocol import ChatCompletionRequest
 from config import Settings
 from engine.detokenizer import Detokenizer
 from engine.engine import Engine
-from engine.messages import AddRequest, Finished, TokenDelta
-from engine.model import LoadedModel
+from engine.messages import AddRequest, Admitted, Finished, TokenDelta
 
 KEEPALIVE_S = 5.0
-_IDLE = object()
 
 
 @dataclass
@@ -33,22 +33,75 @@ class Prepared:
     request: ChatCompletionRequest
 
 
+class Exchange:
+    """One request in flight: its engine stream, its text, its timings."""
+
+    def __init__(self, service: "ChatService", p: Prepared, environ: dict):
+        self.p = p
+        self._engine = service.engine
+        self.timer = service.metrics.timer()
+        self.stream = self._engine.submit(AddRequest(
+            p.completion_id, p.prompt_tokens, p.max_tokens, p.request.sampling_params(),
+            ignore_eos=p.request.ignore_eos))
+        self.text = TextAssembler(Detokenizer(service.text.hf_tokenizer, service.text.table),
+                                  p.request.stop_strings)
+        self._watcher = disconnect.watch(environ, self.abort)
+        self.finished: Optional[Finished] = None
+
+    def next_text(self, timeout: float) -> Optional[str]:
+        """Text released by the next engine messages ('' if none yet); None on an idle timeout."""
+        messages = self.stream.next_batch(timeout=timeout)
+        if not messages:
+            return None
+        pieces = []
+        for message in messages:
+            if isinstance(message, TokenDelta):
+                self.timer.tokens(len(message.token_ids))
+                pieces.append(self.text.add(message.token_ids))
+                if self.text.stopped:  # a stop string: end here, the engine is told below
+                    self._finish(Finished("stop", len(self.p.prompt_tokens), self.text.tokens))
+                    break
+            elif isinstance(message, Admitted):
+                self.timer.admitted()
+            elif isinstance(message, Finished):
+                if message.finish_reason != "error":
+                    pieces.append(self.text.finish())
+                self._finish(message)
+        return "".join(pieces)
+
+    def _finish(self, finished: Finished) -> None:
+        reason = finished.finish_reason
+        self.finished = finished
+        self.timer.finished(reason, finished.prompt_tokens or len(self.p.prompt_tokens))
+        self.close()
+
+    def abort(self) -> None:
+        if self.stream.finished is None:
+            self._engine.abort(self.p.completion_id)
+
+    def close(self) -> None:
+        disconnect.stop(self._watcher)
+        self._watcher = None
+        self.abort()  # no-op once the engine has finished the request
+
+
 class ChatService:
-    def __init__(self, engine: Engine, settings: Settings, text_tools):
-        self._engine = engine
+    def __init__(self, engine: Engine, settings: Settings, text_tools, metrics: Metrics):
+        self.engine = engine
         self._settings = settings
-        self._text = text_tools  # app.model_text.ModelText: template, tokenizer, detokenizer table
+        self.text = text_tools  # app.model_text.ModelText
+        self.metrics = metrics
 
     @property
-    def model(self) -> LoadedModel:
-        return self._engine.model
+    def model(self):
+        return self.engine.model
 
     def prepare(self, request: ChatCompletionRequest) -> Prepared:
         if request.model != self.model.model_id:
             raise APIError(404, f"The model '{request.model}' does not exist; this server serves "
                                 f"'{self.model.model_id}'", type="not_found_error", param="model",
                            code="model_not_found")
-        prompt = self._text.encode_chat(request.template_messages())
+        prompt = self.text.encode_chat(request.template_messages())
         max_tokens = self._max_tokens(request, len(prompt))
         self._admit()
         return Prepared(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), prompt, max_tokens, request)
@@ -71,87 +124,44 @@ class ChatService:
 
     def _admit(self) -> None:
         capacity = self._settings.max_concurrent_requests + self._settings.request_queue_size
-        if self._engine.running + self._engine.waiting >= capacity:
+        if self.engine.running + self.engine.waiting >= capacity:
             raise overloaded(f"The server is at capacity ({capacity} requests running or queued); "
                              f"retry shortly", retry_after=2)
 
-    def _submit(self, p: Prepared):
-        return self._engine.submit(AddRequest(
-            p.completion_id, p.prompt_tokens, p.max_tokens, p.request.sampling_params(),
-            ignore_eos=p.request.ignore_eos))
-
-    def _assembler(self, p: Prepared) -> TextAssembler:
-        return TextAssembler(Detokenizer(self._text.hf_tokenizer, self._text.table), p.request.stop_strings)
-
-    def complete(self, p: Prepared) -> dict:
-        stream, text = self._submit(p), self._assembler(p)
+    def complete(self, p: Prepared, environ: dict) -> dict:
+        exchange = Exchange(self, p, environ)
         parts: list[str] = []
         try:
-            finished = self._drain(stream, text, parts.append)
+            while exchange.finished is None:
+                parts.append(exchange.next_text(KEEPALIVE_S) or "")
         finally:
-            if stream.finished is None:
-                self._engine.abort(p.completion_id)
+            exchange.close()
+        finished = exchange.finished
         if finished.finish_reason == "error":
             raise APIError(500, f"Generation failed: {finished.error}", type="server_error", code="engine_error")
-        reason, completion = self._outcome(finished, text)
-        return chat_completion(p.completion_id, p.created, self.model.model_id, "".join(parts), reason,
-                               len(p.prompt_tokens), completion)
+        return chat_completion(p.completion_id, p.created, self.model.model_id, "".join(parts),
+                               finished.finish_reason, len(p.prompt_tokens), finished.completion_tokens)
 
-    def stream(self, p: Prepared) -> Iterator[str]:
+    def stream(self, p: Prepared, environ: dict) -> Iterator[str]:
         """SSE events. Errors after the first byte become an error event, then [DONE]."""
-        stream, text = self._submit(p), self._assembler(p)
+        exchange = Exchange(self, p, environ)
         chunks = ChunkWriter(p.completion_id, p.created, self.model.model_id, p.request.include_usage)
         try:
             yield chunks.delta("", role=True)
-            pieces: list[str] = []
-            while True:
-                finished = self._drain(stream, text, pieces.append, once=True)
-                if pieces:
-                    yield chunks.delta("".join(pieces))
-                    pieces.clear()
-                elif finished is _IDLE:
+            while exchange.finished is None:
+                piece = exchange.next_text(KEEPALIVE_S)
+                if piece:
+                    yield chunks.delta(piece)
+                elif piece is None:
                     yield SSE_KEEPALIVE  # queued or slow: lets a gone client be noticed
-                if finished not in (None, _IDLE):
-                    break
+            finished = exchange.finished
             if finished.finish_reason == "error":
                 yield sse(APIError(500, f"Generation failed: {finished.error}", type="server_error",
                                    code="engine_error").body())
             else:
-                reason, completion = self._outcome(finished, text)
-                yield chunks.delta(finish_reason=reason)
+                yield chunks.delta(finish_reason=finished.finish_reason)
                 if p.request.include_usage:
-                    yield chunks.usage(len(p.prompt_tokens), completion)
+                    yield chunks.usage(len(p.prompt_tokens), finished.completion_tokens)
             yield SSE_DONE
         finally:
-            if stream.finished is None:  # the client went away, or the text hit a stop string
-                self._engine.abort(p.completion_id)
-
-    def _drain(self, stream, text: TextAssembler, emit, once: bool = False):
-        """Feed engine messages into `text`; returns the Finished marker, or (once=True) None
-        after one batch of messages, _IDLE after a wait that brought nothing."""
-        while True:
-            messages = stream.next_batch(timeout=KEEPALIVE_S)
-            if once and not messages:
-                return _IDLE
-            for message in messages:
-                if isinstance(message, TokenDelta):
-                    piece = text.add(message.token_ids)
-                    if piece:
-                        emit(piece)
-                    if text.stopped:
-                        return Finished("stop", completion_tokens=text.tokens)
-                elif isinstance(message, Finished):
-                    if message.finish_reason != "error":
-                        tail = text.finish()
-                        if tail:
-                            emit(tail)
-                    return message
-            if once:
-                return None
-
-    @staticmethod
-    def _outcome(finished: Finished, text: TextAssembler) -> tuple[str, int]:
-        if text.stopped:
-            return "stop", text.tokens
-        reason = "length" if finished.finish_reason == "length" else "stop"
-        return reason, finished.completion_tokens
+            exchange.close()  # the client went away, or the text hit a stop string: free the slot

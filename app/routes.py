@@ -4,6 +4,7 @@ from __future__ import annotations
 from flask import Blueprint, Response, current_app, jsonify, request, stream_with_context
 
 from app.errors import APIError
+from app.metrics import CONTENT_TYPE
 from app.protocol import ChatCompletionRequest
 
 api = Blueprint("api", __name__)
@@ -43,11 +44,16 @@ def chat_completions():
     chat = _orchard().require_ready()
     prepared = chat.prepare(body)
     if not body.stream:
-        return jsonify(chat.complete(prepared))
-    return Response(stream_with_context(chat.stream(prepared)), mimetype="text/event-stream",
+        return jsonify(chat.complete(prepared, request.environ))
+    return Response(stream_with_context(chat.stream(prepared, request.environ)), mimetype="text/event-stream",
                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 @api.get("/v1/system/status")
 def system_status():
     return jsonify(_orchard().status.report())
+
+
+@api.get("/metrics")
+def metrics():
+    return Response(_orchard().metrics.exposition(), mimetype=None, content_type=CONTENT_TYPE)

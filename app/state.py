@@ -6,6 +6,7 @@ from typing import Optional
 
 from app.chat import ChatService
 from app.errors import APIError
+from app.metrics import Metrics
 from app.model_text import ModelText
 from app.status import StatusReporter, ThroughputMeter
 from config import Settings
@@ -21,6 +22,7 @@ class Orchard:
         self.engine = engine
         self.meter = ThroughputMeter(engine)
         self.status = StatusReporter(engine, settings, self.meter, __version__)
+        self.metrics = Metrics(engine, settings)
         self._chat: Optional[ChatService] = None
 
     @classmethod
@@ -51,5 +53,5 @@ class Orchard:
             raise APIError(503, why, type="server_error", code="engine_unavailable",
                            headers={"Retry-After": "5"})
         if self._chat is None:
-            self._chat = ChatService(self.engine, self.settings, ModelText(self.engine.model))
+            self._chat = ChatService(self.engine, self.settings, ModelText(self.engine.model), self.metrics)
         return self._chat

@@ -20,7 +20,7 @@ from typing import Callable, Optional
 from gevent import monkey
 
 from engine.bridge import OutputBridge, RequestStream
-from engine.messages import AbortRequest, AddRequest, Finished, Shutdown, TokenDelta
+from engine.messages import AbortRequest, AddRequest, Admitted, Finished, Shutdown, TokenDelta
 from engine.model import LoadedModel
 from engine.scheduler import Scheduler, Sequence
 
@@ -58,8 +58,10 @@ class Engine:
     """Public face used by the web layer; safe to call from request greenlets."""
 
     def __init__(self, loader: Callable[[], LoadedModel], *, max_running: int,
-                 generator_factory: Callable[[LoadedModel, int], object]):
+                 generator_factory: Callable[[LoadedModel, int], object],
+                 preload: Optional[Callable[[], None]] = None):
         self._loader = loader
+        self._preload = preload
         self._generator_factory = generator_factory
         self._inbox = _queue.SimpleQueue()
         self._scheduler = Scheduler(max_running=max_running)
@@ -75,6 +77,16 @@ class Engine:
     def start(self) -> None:
         """Start the engine thread. Call from the thread that runs the gevent hub."""
         self._bridge = OutputBridge()
+        if self._preload is not None:
+            # Import MLX and mlx-lm here, not on the engine thread: some imports spawn
+            # subprocesses, and gevent's patched subprocess only works on the main loop.
+            try:
+                self._preload()
+            except Exception as exc:  # e.g. a missing model file: report it through /health
+                self.error = f"model preparation failed: {exc}"
+                self.state = EngineState.FAILED
+                log.error(self.error)
+                return
         _start_native_thread(self._run, ())
 
     def submit(self, request: AddRequest) -> RequestStream:
@@ -142,14 +154,17 @@ class Engine:
                 return False
 
     def _admit(self) -> None:
+        admitted = []
         for sequence in self._scheduler.admissions():
             try:
                 uid = self._generator.insert(sequence.request)
             except Exception as exc:  # a bad request fails alone
-                self._publish([(sequence.request_id, _error(exc))])
+                admitted.append((sequence.request_id, _error(exc)))
                 continue
             self._scheduler.start(sequence, uid)
             self.stats.prompt_tokens += len(sequence.request.prompt_tokens)
+            admitted.append((sequence.request_id, Admitted()))
+        self._publish(admitted)
 
     def _step(self) -> None:
         try:

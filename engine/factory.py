@@ -11,14 +11,26 @@ log = logging.getLogger("orchard.engine")
 
 
 def build_engine(settings: Settings) -> Engine:
-    def load() -> LoadedModel:
+    sources = []
+
+    def preload() -> None:
+        """Runs in the worker before it serves: imports, and fetching/importing a local model.
+        (`orchard serve` already did the slow part, so this normally hits the cache.)"""
         from engine import blas
-        from engine.loader import load as load_model
         from engine.model_source import resolve
 
-        engine.blas = blas.activate(settings.blas)
-        source = resolve(settings.model, settings.cache_dir, dtype_setting=settings.model_dtype,
-                         model_id=settings.model_id)
+        engine.blas = blas.activate(settings.blas)  # must precede the first `import mlx`
+        import mlx.core  # noqa: F401
+        import mlx_lm.generate  # noqa: F401
+        import mlx_lm.utils  # noqa: F401
+
+        sources.append(resolve(settings.model, settings.cache_dir, dtype_setting=settings.model_dtype,
+                               model_id=settings.model_id))
+
+    def load() -> LoadedModel:
+        from engine.loader import load as load_model
+
+        source = sources[-1]
         log.info("loading %s from %s", source.model_id, source.location if source.is_local else "the hub")
         return load_model(source, settings.load_format)
 
@@ -29,5 +41,6 @@ def build_engine(settings: Settings) -> Engine:
                          prefill_batch_size=settings.prefill_batch_size,
                          prefill_step_size=settings.prefill_step_size)
 
-    engine = Engine(load, max_running=settings.max_concurrent_requests, generator_factory=make_generator)
+    engine = Engine(load, max_running=settings.max_concurrent_requests, generator_factory=make_generator,
+                    preload=preload)
     return engine

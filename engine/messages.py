@@ -1,7 +1,7 @@
 """Typed messages that cross the boundary between request greenlets and the engine thread.
 
 Inbox (greenlet -> engine): AddRequest, AbortRequest, Shutdown.
-Outbox (engine -> greenlet): TokenDelta per step, then exactly one Finished.
+Outbox (engine -> greenlet): Admitted, TokenDelta per step, then exactly one Finished.
 Exceptions never cross as raises: they become Finished(error=...).
 """
 from __future__ import annotations
@@ -33,6 +33,11 @@ class AbortRequest:
 @dataclass(frozen=True)
 class Shutdown:
     pass
+
+
+@dataclass(frozen=True)
+class Admitted:
+    """The request left the queue and joined the batch."""
 
 
 @dataclass

@@ -50,7 +50,8 @@ def _serve(args) -> int:
     for name in ("model", "host", "port"):
         if getattr(args, name):
             os.environ[name.upper()] = str(getattr(args, name))
-    _settings()  # fail here, with a readable message, before Gunicorn starts
+    settings = _settings()  # fail here, with a readable message, before Gunicorn starts
+    _prepare(settings)  # fetch/convert now, with progress, so the worker starts fast
     conf = ROOT / "gunicorn.conf.py"
     os.execv(sys.executable, [sys.executable, "-m", "gunicorn", "-c", str(conf)])
     return 0
@@ -61,14 +62,24 @@ def _progress(stage: str, fraction: float) -> None:
     print(f"\r  {stage:<40} {fraction * 100:5.1f}%", end=end, file=sys.stderr, flush=True)
 
 
+def _prepare(settings) -> None:
+    from engine.model_source import resolve
+
+    try:
+        source = resolve(settings.model, settings.cache_dir, dtype_setting=settings.model_dtype,
+                         model_id=settings.model_id, progress=_progress)
+    except (OSError, ValueError, RuntimeError) as exc:
+        sys.exit(f"orchard: cannot prepare MODEL={settings.model!r}: {exc}")
+    where = source.location if source.is_local else "the Hugging Face hub (downloaded on first load)"
+    print(f"model '{source.model_id}' ready: {where}", file=sys.stderr)
+
+
 def _model(args) -> int:
-    from engine.model_source import import_dtype, resolve
+    from engine.model_source import import_dtype
 
     settings = _settings()
     if args.action == "prepare":
-        source = resolve(settings.model, settings.cache_dir, dtype_setting=settings.model_dtype,
-                         model_id=settings.model_id, progress=_progress)
-        print(f"model '{source.model_id}' ready at {source.location}")
+        _prepare(settings)
         return 0
     from engine.gguf import import_gguf
 

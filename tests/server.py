@@ -39,8 +39,12 @@ class ServerProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
             try:
-                if requests.get(self.base_url + "/health", timeout=1).status_code == 200:
+                health = requests.get(self.base_url + "/health", timeout=1)
+                if health.status_code == 200:
                     return self
+                if "failed" in health.text:  # the model did not load: no point waiting
+                    self.stop()
+                    raise RuntimeError(f"server unhealthy: {health.text}\n{self.log()}")
             except requests.RequestException:
                 pass
             time.sleep(0.2)

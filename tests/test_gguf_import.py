@@ -150,19 +150,20 @@ def _byte_vocab() -> list[str]:
     return [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
 
 
-def _tiny_tokenizer_metadata() -> dict:
+def _tiny_tokenizer_metadata(pre: str, add_bos: bool) -> dict:
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     tokens = specials + _byte_vocab() + ["he", "ll", "hell", "hello"]
     types = [3] * len(specials) + [1] * (len(tokens) - len(specials))
     return {
         "tokenizer.ggml.model": "gpt2",
-        "tokenizer.ggml.pre": "qwen2",
+        "tokenizer.ggml.pre": pre,
         "tokenizer.ggml.tokens": tokens,
         "tokenizer.ggml.token_type": mx.array(types, dtype=mx.int32),
         "tokenizer.ggml.merges": ["h e", "l l", "he ll", "hell o"],
+        "tokenizer.ggml.bos_token_id": mx.array(1, dtype=mx.uint32),
         "tokenizer.ggml.eos_token_id": mx.array(2, dtype=mx.uint32),
         "tokenizer.ggml.padding_token_id": mx.array(0, dtype=mx.uint32),
-        "tokenizer.ggml.add_bos_token": mx.array(False),
+        "tokenizer.ggml.add_bos_token": mx.array(add_bos),
         "tokenizer.chat_template": (
             "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
             "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}"
@@ -172,8 +173,13 @@ def _tiny_tokenizer_metadata() -> dict:
 
 
 def _write_tiny_gguf(path: Path, arch: str = "qwen2") -> dict[str, mx.array]:
-    """A 2-layer model with random float32 weights and a byte-level vocab."""
-    meta = _tiny_tokenizer_metadata()
+    """A 2-layer model with random float32 weights and a byte-level vocab.
+
+    qwen2 gets q/k/v biases and tied embeddings; anything else is laid out
+    like llama (no biases, separate output head, BOS added by the tokenizer).
+    """
+    qwen = arch == "qwen2"
+    meta = _tiny_tokenizer_metadata("qwen2" if qwen else "llama-bpe", add_bos=not qwen)
     vocab, hidden, ffn, heads, kv_heads, layers = len(meta["tokenizer.ggml.tokens"]), 32, 64, 4, 2, 2
     head_dim = hidden // heads
     u32 = lambda v: mx.array(v, dtype=mx.uint32)  # noqa: E731
@@ -191,19 +197,24 @@ def _write_tiny_gguf(path: Path, arch: str = "qwen2") -> dict[str, mx.array]:
     mx.random.seed(0)
     rnd = lambda *shape: mx.random.normal(shape) * 0.1  # noqa: E731
     tensors = {"token_embd.weight": rnd(vocab, hidden), "output_norm.weight": mx.ones((hidden,))}
+    if not qwen:
+        tensors["output.weight"] = rnd(vocab, hidden)
     for i in range(layers):
         b = f"blk.{i}."
         tensors.update({
             b + "attn_norm.weight": mx.ones((hidden,)),
             b + "ffn_norm.weight": mx.ones((hidden,)),
-            b + "attn_q.weight": rnd(hidden, hidden), b + "attn_q.bias": rnd(hidden),
-            b + "attn_k.weight": rnd(kv_heads * head_dim, hidden), b + "attn_k.bias": rnd(kv_heads * head_dim),
-            b + "attn_v.weight": rnd(kv_heads * head_dim, hidden), b + "attn_v.bias": rnd(kv_heads * head_dim),
+            b + "attn_q.weight": rnd(hidden, hidden),
+            b + "attn_k.weight": rnd(kv_heads * head_dim, hidden),
+            b + "attn_v.weight": rnd(kv_heads * head_dim, hidden),
             b + "attn_output.weight": rnd(hidden, hidden),
             b + "ffn_gate.weight": rnd(ffn, hidden),
             b + "ffn_up.weight": rnd(ffn, hidden),
             b + "ffn_down.weight": rnd(hidden, ffn),
         })
+        if qwen:
+            for part, rows in (("q", hidden), ("k", kv_heads * head_dim), ("v", kv_heads * head_dim)):
+                tensors[f"{b}attn_{part}.bias"] = rnd(rows)
     mx.save_gguf(str(path), tensors, meta)
     return tensors
 
@@ -225,6 +236,26 @@ def test_qwen2_synthetic_converts_and_loads(tmp_path):
     assert logits.shape == (1, len(ids), len(tensors["token_embd.weight"]))
     text = mlx_lm.generate(model, tokenizer, "<|im_start|>user\nhello<|im_end|>\n", max_tokens=3)
     assert isinstance(text, str)
+
+
+def test_llama_synthetic_undoes_rope_permutation(tmp_path):
+    src = tmp_path / "tiny-llama.gguf"
+    tensors = _write_tiny_gguf(src, arch="llama")
+    out = convert_gguf(src, tmp_path / "out")
+    model, tokenizer = mlx_lm.load(str(out))
+    assert model.args.tie_word_embeddings is False
+    ids = tokenizer.encode("hello hell")
+    assert ids[0] == 1 and ids.count(1) == 1  # BOS added exactly once
+    expected = model(mx.array([ids]))
+    # Reference: llama.cpp's permuted q/k rows with interleaved RoPE.
+    reference, _ = mlx_lm.load(str(out), model_config={"rope_traditional": True})
+    reference.load_weights(
+        [(f"model.layers.{i}.self_attn.{p}_proj.weight", tensors[f"blk.{i}.attn_{p}.weight"])
+         for i in range(2) for p in "qk"],
+        strict=False,
+    )
+    assert mx.allclose(reference(mx.array([ids])), expected, atol=1e-4)
+    assert not mx.allclose(model.model.layers[0].self_attn.q_proj.weight, tensors["blk.0.attn_q.weight"])
 
 
 def test_unsupported_architecture_is_named(tmp_path):

@@ -68,6 +68,8 @@ def check_supported(header: GGUFHeader) -> str:
             f"(e.g. tensor {names[0]!r}); MLX reads "
             f"{', '.join(sorted(NATIVE_TYPES | DEQUANTIZED_BY_MLX))}"
         )
+    if "token_embd.weight" not in header.tensors:
+        raise UnsupportedGGUF("GGUF has no token embedding tensor 'token_embd.weight'")
     if "rope_freqs.weight" in header.tensors:
         raise UnsupportedGGUF(
             "Llama 3.1-style RoPE frequency factors (tensor 'rope_freqs.weight')"

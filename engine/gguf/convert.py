@@ -57,18 +57,18 @@ def convert_gguf(
     report("loading tensors", 0.1)
     tensors = load_gguf_tensors(gguf_path)
 
-    report("converting weights", 0.4)
+    report("converting weights", 0.3)
     weights, quantization = convert_weights(header, tensors, config, dtype)
     if quantization is not None:
         config["quantization"] = quantization
         config["quantization_config"] = quantization
     if dtype is not None:
         config["torch_dtype"] = dtype
+    mx.eval(weights)  # the (lazy) dequantization runs here
     del tensors
 
-    report("writing weights", 0.6)
+    report("writing weights", 0.7)
     out_dir.mkdir(parents=True, exist_ok=True)
-    mx.eval(weights)
     save_weights(out_dir, weights)
     del weights
 

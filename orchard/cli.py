@@ -21,6 +21,11 @@ def main(argv: list[str] | None = None) -> int:
     model = sub.add_parser("model", help="prepare or import models")
     model_sub = model.add_subparsers(dest="action", required=True)
     model_sub.add_parser("prepare", help="fetch and import the configured MODEL ahead of serving")
+    rnd = model_sub.add_parser("random", help="write a Qwen2-shaped folder (config + tokenizer) for LOAD_FORMAT=dummy")
+    rnd.add_argument("out", type=Path)
+    rnd.add_argument("--shape", default="qwen2.5-0.5b", choices=("tiny", "qwen2.5-0.5b", "qwen2.5-7b"))
+    rnd.add_argument("--dtype", default="bfloat16", choices=("float32", "float16", "bfloat16"))
+    rnd.add_argument("--with-weights", action="store_true", help="also write random safetensors")
     imp = model_sub.add_parser("import", help="convert a GGUF file into a cached MLX model folder")
     imp.add_argument("gguf", type=Path)
     imp.add_argument("--dtype", default="auto", choices=("auto", "keep", "float32", "float16", "bfloat16"))
@@ -80,6 +85,12 @@ def _model(args) -> int:
     settings = _settings()
     if args.action == "prepare":
         _prepare(settings)
+        return 0
+    if args.action == "random":
+        from engine.random_model import write_random_model
+
+        out = write_random_model(args.out, args.shape, weights=args.with_weights, dtype=args.dtype)
+        print(f"wrote {out}\nserve it with: MODEL={out} LOAD_FORMAT={'weights' if args.with_weights else 'dummy'} orchard serve")
         return 0
     from engine.gguf import import_gguf
 

@@ -17,10 +17,12 @@ def create_app(settings: Optional[Settings] = None, engine=None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = 8 * 1024 * 1024
 
     from app import errors
+    from app.console import console
     from app.routes import api
 
     errors.install(app)
     app.register_blueprint(api)
+    app.register_blueprint(console)
     orchard = Orchard.start(settings, engine)
     app.extensions["orchard"] = orchard
 

@@ -45,6 +45,17 @@ class Settings:
     blas: str = _spec("ORCHARD_BLAS", "Linux CPU BLAS: 'auto' preloads OpenBLAS when installed, 'bundled' keeps MLX's own", choices=("auto", "bundled"))
     log_level: str = _spec("LOG_LEVEL", "logging level", choices=("debug", "info", "warning", "error"))
     allow_public_bind: bool = _spec("ALLOW_PUBLIC_BIND", "allow a non-loopback HOST without API keys")
+    api_keys: str = _spec("API_KEYS", "comma-separated bearer keys; empty: no authentication")
+    api_keys_file: str = _spec("API_KEYS_FILE", "file with one key per line (added to API_KEYS)")
+    rate_limit: int = _spec("RATE_LIMIT", "requests per minute per key (0: off)", min=0, max=10_000_000)
+    token_rate_limit: int = _spec("TOKEN_RATE_LIMIT", "prompt + max_tokens per minute per key (0: off)", min=0, max=10**12)
+    queue_timeout: int = _spec("QUEUE_TIMEOUT", "seconds a request may wait for a batch slot", min=1, max=3600)
+    drain_timeout: int = _spec("DRAIN_TIMEOUT", "seconds in-flight requests get to finish after SIGTERM", min=0, max=3600)
+    kv_cache_budget: str = _spec("KV_CACHE_BUDGET", "bytes of KV cache admitted requests may reserve: 'auto' or e.g. 2GiB")
+    max_body_bytes: int = _spec("MAX_BODY_BYTES", "largest request body", min=1024, max=1 << 30)
+    metrics_require_key: bool = _spec("METRICS_REQUIRE_KEY", "whether /metrics needs the API key")
+    log_prompts: bool = _spec("LOG_PROMPTS", "log prompt text (off: prompts never reach the logs)")
+    fault_injection: bool = _spec("FAULT_INJECTION", "enable /debug/fault for resilience tests (never in production)")
 
     @property
     def cache_dir(self) -> Path:
@@ -52,19 +63,39 @@ class Settings:
 
     @property
     def is_loopback(self) -> bool:
-        if self.host in ("localhost", ""):
-            return self.host == "localhost"
+        if self.host == "localhost":
+            return True
         try:
             return ipaddress.ip_address(self.host).is_loopback
         except ValueError:
             return False
+
+    @property
+    def kv_budget_bytes(self) -> int | None:
+        """None means 'auto': the engine picks a safe share of device memory."""
+        if self.kv_cache_budget == "auto":
+            return None
+        return parse_size("KV_CACHE_BUDGET", self.kv_cache_budget)
+
+    def keys(self) -> tuple[str, ...]:
+        """API keys from API_KEYS and API_KEYS_FILE (blank lines and # comments ignored)."""
+        keys = [k.strip() for k in self.api_keys.split(",") if k.strip()]
+        if self.api_keys_file:
+            try:
+                lines = Path(self.api_keys_file).expanduser().read_text().splitlines()
+            except OSError as exc:
+                raise SettingsError(f"API_KEYS_FILE={self.api_keys_file!r} cannot be read: {exc}") from None
+            keys += [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+        return tuple(keys)
 
     def replace(self, **changes) -> "Settings":
         return dataclasses.replace(self, **changes)
 
     def describe(self) -> list[tuple[str, str, str]]:
         """(variable, value, help) for every setting: `orchard config check` prints it."""
-        return [(f.metadata["env"], str(getattr(self, f.name)), f.metadata["help"]) for f in fields(self)]
+        secret = {"api_keys"}
+        return [(f.metadata["env"], "***" if f.name in secret and getattr(self, f.name) else str(getattr(self, f.name)),
+                 f.metadata["help"]) for f in fields(self)]
 
 
 DEFAULTS: dict[str, str] = {
@@ -88,6 +119,17 @@ DEFAULTS: dict[str, str] = {
     "ORCHARD_BLAS": "auto",
     "LOG_LEVEL": "info",
     "ALLOW_PUBLIC_BIND": "false",
+    "API_KEYS": "",
+    "API_KEYS_FILE": "",
+    "RATE_LIMIT": "0",
+    "TOKEN_RATE_LIMIT": "0",
+    "QUEUE_TIMEOUT": "60",
+    "DRAIN_TIMEOUT": "20",
+    "KV_CACHE_BUDGET": "auto",
+    "MAX_BODY_BYTES": str(8 * 1024 * 1024),
+    "METRICS_REQUIRE_KEY": "false",
+    "LOG_PROMPTS": "false",
+    "FAULT_INJECTION": "false",
 }
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -149,3 +191,25 @@ def _check_consistency(s: Settings) -> None:
         )
     if s.graceful_timeout >= s.timeout:
         raise SettingsError(f"GRACEFUL_TIMEOUT={s.graceful_timeout} must be below TIMEOUT={s.timeout}")
+    if s.drain_timeout >= s.graceful_timeout:
+        raise SettingsError(f"DRAIN_TIMEOUT={s.drain_timeout} must be below GRACEFUL_TIMEOUT={s.graceful_timeout}, "
+                            f"so requests end cleanly before Gunicorn kills the worker")
+    s.kv_budget_bytes  # validates the size
+    keys = s.keys()
+    if not keys and not s.is_loopback and not s.allow_public_bind:
+        raise SettingsError(f"HOST={s.host} is not a loopback address and API_KEYS is empty: anyone on the "
+                            f"network could use the server. Set API_KEYS, or ALLOW_PUBLIC_BIND=true to accept that")
+    if s.fault_injection and not s.is_loopback:
+        raise SettingsError("FAULT_INJECTION=true is only allowed with a loopback HOST")
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def parse_size(env: str, raw: str) -> int:
+    import re
+
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", raw)
+    if not match or match.group(2).lower() not in _UNITS:
+        raise SettingsError(f"{env}={raw!r} is not a size: use bytes or e.g. 512MiB, 2GiB, 'auto'")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])

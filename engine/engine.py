@@ -20,7 +20,8 @@ from typing import Callable, Optional
 from gevent import monkey
 
 from engine.bridge import OutputBridge, RequestStream
-from engine.messages import AbortRequest, AddRequest, Admitted, Finished, Shutdown, TokenDelta
+from engine.messages import (AbortAll, AbortRequest, AddRequest, Admitted, Finished, InjectFault, Shutdown,
+                             TokenDelta)
 from engine.model import LoadedModel
 from engine.scheduler import Scheduler, Sequence
 
@@ -59,9 +60,10 @@ class Engine:
 
     def __init__(self, loader: Callable[[], LoadedModel], *, max_running: int,
                  generator_factory: Callable[[LoadedModel, int], object],
-                 preload: Optional[Callable[[], None]] = None):
+                 preload: Optional[Callable[[], None]] = None, kv_budget: Optional[int] = None):
         self._loader = loader
         self._preload = preload
+        self._kv_budget_setting = kv_budget
         self._generator_factory = generator_factory
         self._inbox = _queue.SimpleQueue()
         self._scheduler = Scheduler(max_running=max_running)
@@ -97,8 +99,25 @@ class Engine:
     def abort(self, request_id: str, reason: str = "abort") -> None:
         self._inbox.put(AbortRequest(request_id, reason))
 
+    def abort_all(self, reason: str = "abort") -> None:
+        self._inbox.put(AbortAll(reason))
+
     def shutdown(self) -> None:
         self._inbox.put(Shutdown())
+
+    def inject_fault(self, kind: str) -> None:
+        self._inbox.put(InjectFault(kind))
+
+    @property
+    def kv_budget(self) -> Optional[int]:
+        return self._scheduler.kv_budget
+
+    @property
+    def kv_reserved(self) -> int:
+        return self._scheduler.reserved_bytes
+
+    def fits_alone(self, max_length: int) -> bool:
+        return self._scheduler.fits_alone(max_length)
 
     @property
     def running(self) -> int:
@@ -112,6 +131,7 @@ class Engine:
     def _run(self) -> None:
         try:
             self.model = self._loader()
+            self._configure_memory()
             self._generator = self._generator_factory(self.model, self._scheduler.max_running)
             self._sample_memory()
             self.state = EngineState.READY
@@ -133,6 +153,15 @@ class Engine:
             log.critical("%s\n%s", self.error, traceback.format_exc())
             self._fail_all(self.error)
 
+    def _configure_memory(self) -> None:
+        from engine import memory
+
+        self._scheduler.kv_bytes_per_token = memory.kv_bytes_per_token(
+            self.model.config, memory.activation_bytes(self.model.dtype))
+        budget = self._kv_budget_setting or memory.auto_budget(self.model.weight_bytes)
+        memory.apply_mlx_limits(self.model.weight_bytes, budget)
+        self._scheduler.kv_budget = budget
+
     def _drain_inbox(self, block: bool) -> bool:
         """Apply every queued message; False once Shutdown arrives."""
         while True:
@@ -149,9 +178,13 @@ class Engine:
                 self._scheduler.add(message)
             elif isinstance(message, AbortRequest):
                 self._abort(message)
+            elif isinstance(message, AbortAll):
+                self._fail_all("the server is shutting down", finish_reason=message.reason)
             elif isinstance(message, Shutdown):
-                self._fail_all("server shutting down", finish_reason="abort")
+                self._fail_all("the server is shutting down", finish_reason="abort")
                 return False
+            elif isinstance(message, InjectFault):
+                self._inject(message.kind)
 
     def _admit(self) -> None:
         admitted = []
@@ -215,6 +248,17 @@ class Engine:
             return
         self._publish([(sequence.request_id, self._finished(sequence, message.reason))])
 
+    def _inject(self, kind: str) -> None:
+        if kind == "loop":
+            raise RuntimeError("injected engine-loop fault")
+        real_step = self._generator.step
+
+        def failing_step():
+            self._generator.step = real_step
+            raise RuntimeError("injected step fault")
+
+        self._generator.step = failing_step
+
     def _finished(self, sequence: Sequence, reason: str) -> Finished:
         self.stats.requests_finished += 1
         return Finished(reason, len(sequence.request.prompt_tokens), sequence.completion_tokens)
@@ -229,9 +273,16 @@ class Engine:
 
     def _fail_all(self, why: str, finish_reason: str = "error") -> None:
         sequences = list(self._scheduler.running.values()) + list(self._scheduler.waiting)
+        if self._generator is not None:
+            for uid in list(self._scheduler.running):
+                try:
+                    self._generator.remove(uid)
+                except Exception:  # the batch may be broken already; the requests end regardless
+                    log.exception("could not remove sequence %s", uid)
         self._scheduler.running.clear()
         self._scheduler.waiting.clear()
-        ended = [(s.request_id, Finished(finish_reason, error=why, error_type="server_error")) for s in sequences]
+        ended = [(s.request_id, Finished(finish_reason, len(s.request.prompt_tokens), s.completion_tokens,
+                                         error=why, error_type="server_error")) for s in sequences]
         if ended and self._bridge is not None:
             self._publish(ended)
 

@@ -42,5 +42,5 @@ def build_engine(settings: Settings) -> Engine:
                          prefill_step_size=settings.prefill_step_size)
 
     engine = Engine(load, max_running=settings.max_concurrent_requests, generator_factory=make_generator,
-                    preload=preload)
+                    preload=preload, kv_budget=settings.kv_budget_bytes)
     return engine

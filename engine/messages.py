@@ -1,6 +1,6 @@
 """Typed messages that cross the boundary between request greenlets and the engine thread.
 
-Inbox (greenlet -> engine): AddRequest, AbortRequest, Shutdown.
+Inbox (greenlet -> engine): AddRequest, AbortRequest, AbortAll, Shutdown, InjectFault.
 Outbox (engine -> greenlet): Admitted, TokenDelta per step, then exactly one Finished.
 Exceptions never cross as raises: they become Finished(error=...).
 """
@@ -31,8 +31,23 @@ class AbortRequest:
 
 
 @dataclass(frozen=True)
+class AbortAll:
+    """End every queued and running request (the drain budget ran out)."""
+
+    reason: str = "abort"
+
+
+@dataclass(frozen=True)
 class Shutdown:
     pass
+
+
+@dataclass(frozen=True)
+class InjectFault:
+    """Resilience tests only (FAULT_INJECTION=true): 'step' fails the next step,
+    'loop' kills the engine loop itself."""
+
+    kind: str
 
 
 @dataclass(frozen=True)

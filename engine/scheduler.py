@@ -3,13 +3,25 @@
 Decisions depend only on the engine's own state (no clocks, no per-process
 input), so the same sequence of inbox messages gives the same schedule on
 every rank of a distributed group.
+
+Memory: mlx-lm's batch KV cache pads every row to the longest one and grows in
+steps of 256 tokens, so the worst case of a batch is
+rows x round_up(max(prompt + max_tokens)) x bytes per token. A sequence joins
+only if that worst case stays within the KV budget; otherwise it waits.
 """
 from __future__ import annotations
 
 import collections
 from dataclasses import dataclass, field
+from typing import Optional
 
 from engine.messages import AddRequest
+
+KV_STEP = 256  # mlx-lm's KVCache grows in steps of this many tokens
+
+
+def round_up(tokens: int) -> int:
+    return -(-tokens // KV_STEP) * KV_STEP
 
 
 @dataclass
@@ -24,23 +36,45 @@ class Sequence:
     def request_id(self) -> str:
         return self.request.request_id
 
+    @property
+    def max_length(self) -> int:
+        return len(self.request.prompt_tokens) + self.request.max_tokens
+
 
 @dataclass
 class Scheduler:
     max_running: int
+    kv_bytes_per_token: int = 0
+    kv_budget: Optional[int] = None  # None: unbounded
     waiting: collections.deque = field(default_factory=collections.deque)
     running: dict = field(default_factory=dict)  # uid -> Sequence
 
     def add(self, request: AddRequest) -> None:
         self.waiting.append(Sequence(request))
 
+    def batch_bytes(self, rows: int, longest: int) -> int:
+        return rows * round_up(longest) * self.kv_bytes_per_token
+
+    def fits_alone(self, max_length: int) -> bool:
+        return self.kv_budget is None or self.batch_bytes(1, max_length) <= self.kv_budget
+
+    @property
+    def reserved_bytes(self) -> int:
+        longest = max((s.max_length for s in self.running.values()), default=0)
+        return self.batch_bytes(len(self.running), longest)
+
     def admissions(self) -> list[Sequence]:
-        """Waiting sequences that may start now, oldest first."""
-        free = self.max_running - len(self.running)
+        """Waiting sequences that may start now, oldest first (no overtaking)."""
         admitted = []
-        while free > 0 and self.waiting:
+        rows = len(self.running)
+        longest = max((s.max_length for s in self.running.values()), default=0)
+        while self.waiting and rows < self.max_running:
+            head = self.waiting[0]
+            candidate = max(longest, head.max_length)
+            if self.kv_budget is not None and rows and self.batch_bytes(rows + 1, candidate) > self.kv_budget:
+                break  # hold: it fits once running sequences finish
             admitted.append(self.waiting.popleft())
-            free -= 1
+            rows, longest = rows + 1, candidate
         return admitted
 
     def start(self, sequence: Sequence, uid: int) -> None:

@@ -22,7 +22,11 @@ from pathlib import Path
 
 import pytest
 
-yaml = pytest.importorskip("yaml")
+try:  # the `test` extra installs PyYAML; without it only the YAML tests skip
+    import yaml
+except ImportError:  # pragma: no cover
+    yaml = None
+needs_yaml = pytest.mark.skipif(yaml is None, reason="PyYAML not installed (pip install -e '.[test]')")
 
 from config.settings import DEFAULTS, load_settings  # noqa: E402
 
@@ -62,8 +66,10 @@ QUERYABLE = ({"up"} | COUNTERS | GAUGES
              | {h + suffix for h in HISTOGRAMS for suffix in ("_bucket", "_sum", "_count")})
 
 GRACEFUL_TIMEOUT = int(DEFAULTS["GRACEFUL_TIMEOUT"])
+# The operations scripts (scripts/ also holds unrelated helpers).
 SHELL_SCRIPTS = sorted(
-    p for d in ("systemd", "launchd", "scripts") for p in (ROOT / d).glob("*.sh")
+    [*(ROOT / "systemd").glob("*.sh"), *(ROOT / "launchd").glob("*.sh"),
+     *(ROOT / "scripts").glob("*install-systemd.sh"), *(ROOT / "scripts").glob("*install-launchd.sh")]
 )
 UNITS = ("orchard.service", "orchard-watchdog.service", "orchard-watchdog.timer")
 
@@ -255,6 +261,7 @@ def dashboard_targets(dash: dict) -> list[tuple[str, str]]:
     return out
 
 
+@needs_yaml
 def test_alerts_parse_with_objectives():
     rules = {r["alert"]: r for r in load_alert_rules()}
     assert set(rules) >= {"OrchardDown", "OrchardLatencyP95High", "OrchardSuccessRateLow", "OrchardMemoryHigh",
@@ -275,6 +282,7 @@ def test_alerts_parse_with_objectives():
     assert "orchard:num_requests_waiting >= 0.9 * orchard:request_queue_capacity" in flat["OrchardQueueFull"]
 
 
+@needs_yaml
 def test_alerts_use_only_exported_metrics():
     for rule in load_alert_rules():
         unknown = promql_metric_names(rule["expr"]) - QUERYABLE
@@ -307,6 +315,7 @@ def test_dashboard_parses_and_uses_only_exported_metrics():
         assert needed in used, f"no dashboard panel shows {needed}"
 
 
+@needs_yaml
 def test_prometheus_config():
     cfg = yaml.safe_load((ROOT / "monitoring" / "prometheus.yml").read_text())
     assert cfg["global"]["scrape_interval"] == "15s"
@@ -332,6 +341,7 @@ def test_promtool_check_config_and_rules():
 
 
 @needs_promtool
+@needs_yaml
 def test_dashboard_queries_are_valid_promql(tmp_path):
     """promtool has no expression checker; recording rules made of the panel queries do."""
     rules = []
@@ -363,15 +373,8 @@ class _Anything:
 
 
 def _exported_families(registry) -> set[str]:
-    names = set()
-    for family in registry.collect():
-        if family.type == "counter":
-            names.add(family.name + "_total")
-        elif family.type in ("histogram", "gauge"):
-            names.add(family.name)
-        else:
-            names.add(family.name)
-    return names
+    """Family names as EXPORTED spells them: prometheus_client drops a counter's _total."""
+    return {family.name + "_total" if family.type == "counter" else family.name for family in registry.collect()}
 
 
 def test_metric_list_matches_app_metrics():
@@ -477,6 +480,9 @@ def test_watchdog_units():
 def test_shutdown_ordering():
     """engine drain < GRACEFUL_TIMEOUT < systemd TimeoutStopSec and launchd ExitTimeOut."""
     graceful = max(GRACEFUL_TIMEOUT, int(env_production().get("GRACEFUL_TIMEOUT", GRACEFUL_TIMEOUT)))
+    if "DRAIN_TIMEOUT" in DEFAULTS:  # the engine's own drain, inside Gunicorn's
+        drain = max(int(DEFAULTS["DRAIN_TIMEOUT"]), int(env_production().get("DRAIN_TIMEOUT", 0)))
+        assert drain < graceful, f"DRAIN_TIMEOUT={drain} must be below GRACEFUL_TIMEOUT={graceful}"
     stop = seconds(unit_value(read_unit("orchard.service"), "Service", "TimeoutStopSec"))
     exit_timeout = load_plist("com.orchard.server.plist")["ExitTimeOut"]
     assert graceful < stop, f"TimeoutStopSec={stop} must exceed GRACEFUL_TIMEOUT={graceful}"

@@ -28,3 +28,29 @@ accesslog = None
 errorlog = "-"
 loglevel = _settings.log_level
 proc_name = "orchard"
+
+
+def post_worker_init(worker):
+    """Starts the engine watchdog (a dead engine ends the worker; the master starts a
+    fresh one). SIGTERM drains: the app refuses new work at once and lets in-flight requests
+    finish within DRAIN_TIMEOUT (< graceful_timeout), while Gunicorn stops accepting."""
+    import signal
+
+    import gevent
+
+    orchard = worker.wsgi.extensions["orchard"]
+    orchard.start_watchdog()
+    stop_worker = worker.handle_exit
+
+    def handle_term(sig, frame):
+        gevent.spawn(orchard.begin_drain)
+        stop_worker(sig, frame)
+
+    signal.signal(signal.SIGTERM, handle_term)
+
+
+def worker_exit(server, worker):
+    """Stop the engine thread before the interpreter exits (MLX must not be torn down mid-step)."""
+    orchard = getattr(worker, "wsgi", None) and worker.wsgi.extensions.get("orchard")
+    if orchard is not None:
+        orchard.stop_engine()

@@ -14,13 +14,16 @@ def create_app(settings: Optional[Settings] = None, engine=None) -> Flask:
     settings = settings or load_settings()
     app = Flask("orchard")
     app.json.sort_keys = False
-    app.config["MAX_CONTENT_LENGTH"] = 8 * 1024 * 1024
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
 
-    from app import errors
+    from app import auth, errors, request_log
     from app.console import console
     from app.routes import api
 
+    request_log.configure_logging(settings.log_level)
     errors.install(app)
+    request_log.install(app)
+    auth.install(app, auth.KeyRing(settings.keys()), metrics_open=not settings.metrics_require_key)
     app.register_blueprint(api)
     app.register_blueprint(console)
     orchard = Orchard.start(settings, engine)

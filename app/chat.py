@@ -16,6 +16,8 @@ from app.formatting import SSE_DONE, SSE_KEEPALIVE, ChunkWriter, chat_completion
 from app.metrics import Metrics
 from app.output import TextAssembler
 from app.protocol import ChatCompletionRequest
+from app.rate_limit import RateLimiter
+from app.request_log import log_completion
 from config import Settings
 from engine.detokenizer import Detokenizer
 from engine.engine import Engine
@@ -31,6 +33,8 @@ class Prepared:
     prompt_tokens: list[int]
     max_tokens: int
     request: ChatCompletionRequest
+    request_id: str = ""
+    prompt_text: Optional[str] = None  # only when LOG_PROMPTS is on
 
 
 class Exchange:
@@ -39,6 +43,8 @@ class Exchange:
     def __init__(self, service: "ChatService", p: Prepared, environ: dict):
         self.p = p
         self._engine = service.engine
+        self._queue_timeout = service.settings.queue_timeout
+        self.admitted = False
         self.timer = service.metrics.timer()
         self.stream = self._engine.submit(AddRequest(
             p.completion_id, p.prompt_tokens, p.max_tokens, p.request.sampling_params(),
@@ -49,9 +55,14 @@ class Exchange:
         self.finished: Optional[Finished] = None
 
     def next_text(self, timeout: float) -> Optional[str]:
-        """Text released by the next engine messages ('' if none yet); None on an idle timeout."""
+        """Text released by the next engine messages ('' if none yet); None on an idle timeout.
+        Raises APIError(503) when the request waited in the queue too long."""
         messages = self.stream.next_batch(timeout=timeout)
         if not messages:
+            if not self.admitted and time.perf_counter() - self.timer.arrived > self._queue_timeout:
+                self.close()
+                raise overloaded(f"The request waited {self._queue_timeout} s for a batch slot; retry later",
+                                 retry_after=min(60, self._queue_timeout))
             return None
         pieces = []
         for message in messages:
@@ -62,6 +73,7 @@ class Exchange:
                     self._finish(Finished("stop", len(self.p.prompt_tokens), self.text.tokens))
                     break
             elif isinstance(message, Admitted):
+                self.admitted = True
                 self.timer.admitted()
             elif isinstance(message, Finished):
                 if message.finish_reason != "error":
@@ -73,6 +85,8 @@ class Exchange:
         reason = finished.finish_reason
         self.finished = finished
         self.timer.finished(reason, finished.prompt_tokens or len(self.p.prompt_tokens))
+        log_completion(self.p.request_id, reason, len(self.p.prompt_tokens), finished.completion_tokens,
+                       time.perf_counter() - self.timer.arrived, self.p.prompt_text)
         self.close()
 
     def abort(self) -> None:
@@ -86,9 +100,11 @@ class Exchange:
 
 
 class ChatService:
-    def __init__(self, engine: Engine, settings: Settings, text_tools, metrics: Metrics):
+    def __init__(self, engine: Engine, settings: Settings, text_tools, metrics: Metrics,
+                 limiter: Optional[RateLimiter] = None):
         self.engine = engine
-        self._settings = settings
+        self.settings = self._settings = settings
+        self._limiter = limiter
         self.text = text_tools  # app.model_text.ModelText
         self.metrics = metrics
 
@@ -96,15 +112,29 @@ class ChatService:
     def model(self):
         return self.engine.model
 
-    def prepare(self, request: ChatCompletionRequest) -> Prepared:
+    def prepare(self, request: ChatCompletionRequest, client: str, request_id: str) -> Prepared:
+        """Validate against the model and the server's limits; nothing is queued yet."""
         if request.model != self.model.model_id:
             raise APIError(404, f"The model '{request.model}' does not exist; this server serves "
                                 f"'{self.model.model_id}'", type="not_found_error", param="model",
                            code="model_not_found")
-        prompt = self.text.encode_chat(request.template_messages())
+        messages = request.template_messages()
+        prompt = self.text.encode_chat(messages)
         max_tokens = self._max_tokens(request, len(prompt))
+        self._check_memory(len(prompt) + max_tokens)
         self._admit()
-        return Prepared(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), prompt, max_tokens, request)
+        if self._limiter is not None and self._limiter.enabled:
+            self._limiter.charge(client, len(prompt) + max_tokens)
+        text = repr(messages) if self._settings.log_prompts else None
+        return Prepared(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), prompt, max_tokens, request,
+                        request_id, text)
+
+    def _check_memory(self, max_length: int) -> None:
+        if not self.engine.fits_alone(max_length):
+            raise APIError(503, f"A request of {max_length} tokens (prompt + max_tokens) needs more KV-cache "
+                                f"memory than this server's budget of {self.engine.kv_budget} bytes; lower "
+                                f"max_tokens or ask the operator to raise KV_CACHE_BUDGET",
+                           type="server_is_overloaded", code="insufficient_memory", headers={"Retry-After": "60"})
 
     def _max_tokens(self, request: ChatCompletionRequest, prompt_len: int) -> int:
         limit, context = self._settings.max_tokens_limit, self.model.context_length
@@ -149,7 +179,12 @@ class ChatService:
         try:
             yield chunks.delta("", role=True)
             while exchange.finished is None:
-                piece = exchange.next_text(KEEPALIVE_S)
+                try:
+                    piece = exchange.next_text(KEEPALIVE_S)
+                except APIError as error:  # after the first byte, errors travel as an event
+                    yield sse(error.body())
+                    yield SSE_DONE
+                    return
                 if piece:
                     yield chunks.delta(piece)
                 elif piece is None:

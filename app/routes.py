@@ -1,7 +1,7 @@
 """HTTP routes: parse, call a service, shape the response. Nothing else lives here."""
 from __future__ import annotations
 
-from flask import Blueprint, Response, current_app, jsonify, request, stream_with_context
+from flask import Blueprint, Response, current_app, g, jsonify, request, stream_with_context
 
 from app.errors import APIError
 from app.metrics import CONTENT_TYPE
@@ -40,9 +40,11 @@ def model_detail(model_id: str):
 
 @api.post("/v1/chat/completions")
 def chat_completions():
+    orchard = _orchard()
+    orchard.refuse_if_draining()
     body = ChatCompletionRequest.model_validate_json(request.get_data(cache=False) or b"null")
-    chat = _orchard().require_ready()
-    prepared = chat.prepare(body)
+    chat = orchard.require_ready()
+    prepared = chat.prepare(body, g.client_id, g.request_id)
     if not body.stream:
         return jsonify(chat.complete(prepared, request.environ))
     return Response(stream_with_context(chat.stream(prepared, request.environ)), mimetype="text/event-stream",
@@ -52,6 +54,25 @@ def chat_completions():
 @api.get("/v1/system/status")
 def system_status():
     return jsonify(_orchard().status.report())
+
+
+@api.get("/openapi.json")
+def openapi():
+    from app.openapi import document
+
+    return jsonify(document())
+
+
+@api.post("/debug/fault")
+def inject_fault():
+    orchard = _orchard()
+    if not orchard.settings.fault_injection:
+        raise APIError(404, "Unknown route", type="not_found_error", code="not_found_error")
+    kind = (request.get_json(silent=True) or {}).get("kind")
+    if kind not in ("step", "loop"):
+        raise APIError(400, "kind must be 'step' or 'loop'", param="kind")
+    orchard.engine.inject_fault(kind)
+    return jsonify(injected=kind)
 
 
 @api.get("/metrics")

@@ -37,4 +37,28 @@ def embedded_server(tmp_path_factory, orchard_home, embedded_model_dir):
     log = tmp_path_factory.mktemp("server") / "server.log"
     server = ServerProcess({"MODEL": "embedded", "ORCHARD_HOME": orchard_home}, log).start()
     yield server
+    assert_never_blocked(server)
     server.stop()
+
+
+def assert_never_blocked(server: ServerProcess) -> None:
+    blocks = server.loop_blocks()
+    assert not blocks, f"the event loop was blocked > 100 ms while serving:\n" + "\n".join(blocks[:5])
+
+
+@pytest.fixture(scope="module")
+def tiny_server_factory(tiny_model_dir, tmp_path_factory):
+    """Start real servers on the tiny Qwen2 with extra settings; all stopped at module end."""
+    servers = []
+
+    def start(**env) -> ServerProcess:
+        log = tmp_path_factory.mktemp("tiny-server") / "server.log"
+        server = ServerProcess({"MODEL": str(tiny_model_dir), "MODEL_ID": "tiny", **env}, log).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        if server.proc.poll() is None:
+            assert_never_blocked(server)
+        server.stop()

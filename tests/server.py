@@ -14,6 +14,14 @@ import requests
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _die_with_parent() -> None:
+    """Linux: SIGTERM the server if the test run itself dies, so no server outlives it."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -26,14 +34,18 @@ class ServerProcess:
     def __init__(self, env: dict[str, str], log_path: Path):
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
-        self.env = {**os.environ, "HOST": "127.0.0.1", "PORT": str(self.port), "LOG_LEVEL": "info", **env}
+        # gevent's monitor thread reports any greenlet that blocks the event loop > 100 ms.
+        self.env = {**os.environ, "HOST": "127.0.0.1", "PORT": str(self.port), "LOG_LEVEL": "info",
+                    "GEVENT_MONITOR_THREAD_ENABLE": "true", "GEVENT_MAX_BLOCKING_TIME": "0.1", **env}
+        self._ready_offset = 0
         self.log_path = log_path
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 180.0) -> "ServerProcess":
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", str(ROOT / "gunicorn.conf.py")],
-                                     cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT)
+                                     cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
+                                     preexec_fn=_die_with_parent)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -41,6 +53,7 @@ class ServerProcess:
             try:
                 health = requests.get(self.base_url + "/health", timeout=1)
                 if health.status_code == 200:
+                    self.mark_ready()
                     return self
                 if "failed" in health.text:  # the model did not load: no point waiting
                     self.stop()
@@ -50,6 +63,29 @@ class ServerProcess:
             time.sleep(0.2)
         self.stop()
         raise RuntimeError(f"server not healthy after {timeout} s:\n{self.log()}")
+
+    def mark_ready(self) -> None:
+        """A (re)started worker may block its loop while loading; from here on it may not."""
+        self._ready_offset = self.log_path.stat().st_size
+
+    def full_log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def loop_blocks(self) -> list[str]:
+        """gevent monitor reports of a blocked event loop since the server became ready.
+
+        gevent's own monitor thread sometimes gets a hub of its own and then reports
+        itself ("Blocked Stack" inside gevent/_monitor.py): those are not our loop."""
+        with open(self.log_path, "rb") as f:
+            f.seek(self._ready_offset)
+            text = f.read().decode(errors="replace")
+        reports = text.split("appears to be blocked")[1:]
+        real = []
+        for report in reports:
+            blocked_stack = report.split("Blocked Stack", 1)[-1].split("Info:", 1)[0]
+            if "gevent/_monitor.py" not in blocked_stack:
+                real.append(blocked_stack.strip()[:2000])
+        return real
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-6000:]

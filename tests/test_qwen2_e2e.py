@@ -4,15 +4,11 @@ from __future__ import annotations
 import pytest
 import requests
 
-from tests.server import ServerProcess
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model_dir, tmp_path_factory):
-    server = ServerProcess({"MODEL": str(tiny_model_dir), "MODEL_ID": "qwen2-tiny"},
-                           tmp_path_factory.mktemp("qwen") / "server.log").start()
-    yield server
-    server.stop()
+def server(tiny_server_factory):
+    return tiny_server_factory(MODEL_ID="qwen2-tiny")
 
 
 def test_chatml_prompt_is_rendered_and_served(server):

@@ -1,0 +1,47 @@
+"""The OpenAPI description of Orchard's API, generated from the pydantic request models."""
+from __future__ import annotations
+
+from functools import lru_cache
+
+from app.protocol import ChatCompletionRequest
+from orchard import __version__
+
+_ERROR = {"description": "OpenAI error envelope", "content": {"application/json": {"schema": {
+    "type": "object", "required": ["error"], "properties": {"error": {
+        "type": "object", "required": ["message", "type", "param", "code"],
+        "properties": {"message": {"type": "string"}, "type": {"type": "string"},
+                       "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}}}}
+_JSON = {"description": "OK", "content": {"application/json": {"schema": {"type": "object"}}}}
+
+
+def _errors(*codes: int) -> dict:
+    return {str(code): _ERROR for code in codes}
+
+
+@lru_cache(maxsize=1)
+def document() -> dict:
+    schema = ChatCompletionRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+    defs = schema.pop("$defs", {})
+    security = [{"bearer": []}]
+    get_json = lambda summary: {"summary": summary, "security": security,  # noqa: E731
+                                "responses": {"200": _JSON, **_errors(401, 503)}}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "Orchard", "version": __version__,
+                 "description": "OpenAI-compatible LLM inference server for Apple silicon"},
+        "components": {"schemas": {"ChatCompletionRequest": schema, **defs},
+                       "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+        "paths": {
+            "/health": {"get": {"summary": "Liveness and readiness", "responses": {"200": _JSON, **_errors(503)}}},
+            "/v1/models": {"get": get_json("Served models")},
+            "/v1/system/status": {"get": get_json("Operator status")},
+            "/v1/chat/completions": {"post": {
+                "summary": "Chat completion (JSON, or SSE when stream is true)", "security": security,
+                "requestBody": {"required": True, "content": {"application/json": {
+                    "schema": {"$ref": "#/components/schemas/ChatCompletionRequest"}}}},
+                "responses": {"200": {"description": "completion", "content": {
+                    "application/json": {"schema": {"type": "object"}},
+                    "text/event-stream": {"schema": {"type": "string"}}}},
+                    **_errors(400, 401, 404, 413, 429, 503)}}},
+        },
+    }

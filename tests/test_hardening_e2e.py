@@ -1,0 +1,282 @@
+"""Hardening through real Gunicorn servers on the tiny Qwen2: auth, limits, overload,
+disconnects, memory bound, faults and SIGTERM drain. Each server's event loop is
+watched by gevent's monitor thread; a block over 100 ms fails the module."""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import http.client
+import json
+import signal
+import socket
+import threading
+import time
+
+import openai
+import pytest
+import requests
+
+from tests.server import ServerProcess
+
+
+def body(**changes) -> dict:
+    return {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, **changes}
+
+
+def raw_get(server: ServerProcess, path: str, headers: dict | None = None) -> int:
+    """GET with the path sent byte-for-byte (no client-side normalisation)."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    conn.putrequest("GET", path, skip_host=True)
+    for key, value in {"Host": f"127.0.0.1:{server.port}", **(headers or {})}.items():
+        conn.putheader(key, value)
+    conn.endheaders()
+    status = conn.getresponse().status
+    conn.close()
+    return status
+
+
+def status_of(server: ServerProcess) -> dict:
+    return requests.get(server.base_url + "/v1/system/status", timeout=5,
+                        headers={"Authorization": "Bearer key-one"}).json()
+
+
+def wait_idle(server: ServerProcess, timeout: float) -> float:
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        requests_ = status_of(server)["requests"]
+        if requests_["running"] == 0 and requests_["waiting"] == 0:
+            return time.monotonic() - start
+        time.sleep(0.2)
+    raise AssertionError(f"not idle after {timeout} s: {status_of(server)['requests']}")
+
+
+# ---- authentication, rate limits, request ids ------------------------------------------
+@pytest.fixture(scope="module")
+def guarded(tiny_server_factory):
+    return tiny_server_factory(API_KEYS="key-one,key-two", RATE_LIMIT="4")
+
+
+def test_only_health_console_and_metrics_are_open(guarded):
+    assert requests.get(guarded.base_url + "/health").status_code == 200
+    assert requests.get(guarded.base_url + "/metrics").status_code == 200
+    for path in ("/v1/models", "/v1/system/status", "/openapi.json", "/nowhere"):
+        response = requests.get(guarded.base_url + path)
+        assert response.status_code == 401, path
+        assert response.json()["error"]["type"] == "authentication_error"
+
+
+def test_wrong_key_is_refused_and_right_key_works(guarded):
+    with pytest.raises(openai.AuthenticationError):
+        guarded.client(api_key="key-three").models.list()
+    assert [m.id for m in guarded.client(api_key="key-one").models.list().data] == ["tiny"]
+
+
+@pytest.mark.parametrize("path", ["//v1/models", "/v1/../v1/models", "/v1/./models", "/%76%31/models",
+                                  "/v1/models/", "/v1/models%2F", "/health/../v1/models",
+                                  "/health/..%2Fv1/models", "/health%2F..%2Fv1/models", "/./v1/models",
+                                  "/v1//models", "/v1/models?x=/health"])
+def test_path_tricks_never_reach_a_protected_route(guarded, path):
+    assert raw_get(guarded, path) in (401, 404, 308), path
+    assert raw_get(guarded, path, {"Host": "localhost/health"}) in (400, 401, 404, 308)
+
+
+def test_rate_limit_answers_429_with_headers(guarded):
+    client_ = requests.Session()
+    client_.headers["Authorization"] = "Bearer key-two"
+    ok = [client_.post(guarded.base_url + "/v1/chat/completions", json=body()) for _ in range(4)]
+    assert [r.status_code for r in ok] == [200] * 4
+    assert ok[-1].headers["x-ratelimit-remaining-requests"] == "0"
+    refused = client_.post(guarded.base_url + "/v1/chat/completions", json=body())
+    assert refused.status_code == 429 and refused.json()["error"]["type"] == "rate_limit_error"
+    assert 1 <= int(refused.headers["Retry-After"]) <= 60
+    assert refused.headers["x-ratelimit-limit-requests"] == "4"
+    other = requests.post(guarded.base_url + "/v1/chat/completions", json=body(),
+                          headers={"Authorization": "Bearer key-one"})
+    assert other.status_code == 200  # limits are per key
+
+
+def test_request_ids_are_echoed_or_made_and_never_forged(guarded):
+    mine = requests.get(guarded.base_url + "/health", headers={"X-Request-Id": "trace-42"})
+    assert mine.headers["X-Request-Id"] == "trace-42"
+    made = requests.get(guarded.base_url + "/health")
+    assert len(made.headers["X-Request-Id"]) == 32
+    forged = raw_get(guarded, "/health", {"X-Request-Id": "a b\tinjected"})
+    assert forged == 200
+
+
+# ---- overload: bounded queue, 503 at once, health stays fast ---------------------------
+@pytest.fixture(scope="module")
+def small(tiny_server_factory):
+    return tiny_server_factory(MAX_CONCURRENT_REQUESTS="2", REQUEST_QUEUE_SIZE="6", WORKER_CONNECTIONS="400")
+
+
+def send_raw(port: int, payload: dict) -> socket.socket:
+    data = json.dumps(payload).encode()
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(data), data))
+    return s
+
+
+def read_response(s: socket.socket) -> tuple[int, dict, bytes]:
+    s.settimeout(120)
+    raw = b""
+    while chunk := s.recv(65536):
+        raw += chunk
+    s.close()
+    head, _, payload = raw.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    return int(lines[0].split()[1]), headers, payload
+
+
+def test_a_burst_of_200_gets_only_successes_and_designed_refusals(small):
+    # One client thread with 200 sockets: the burst is real, without 200 Python threads
+    # fighting the server for the machine's 2 cores.
+    health_times, done = [], threading.Event()
+
+    def poll_health():
+        while not done.is_set():
+            start = time.perf_counter()
+            assert requests.get(small.base_url + "/health", timeout=5).status_code == 200
+            health_times.append(time.perf_counter() - start)
+            time.sleep(0.05)
+
+    poller = threading.Thread(target=poll_health)
+    poller.start()
+    try:
+        sockets = [send_raw(small.port, body(max_tokens=64, ignore_eos=True)) for _ in range(200)]
+        results = [read_response(s) for s in sockets]
+    finally:
+        done.set()
+        poller.join()
+    statuses = [status for status, _, _ in results]
+    assert set(statuses) <= {200, 503} and statuses.count(200) >= 8 and 503 in statuses
+    for status, headers, payload in results:
+        if status == 503:
+            assert json.loads(payload)["error"]["type"] == "server_is_overloaded"
+            assert 1 <= int(headers["retry-after"]) <= 60
+    assert health_times and max(health_times) < 1.0, max(health_times)
+    wait_idle(small, 10)
+
+
+# ---- clients that hang up ---------------------------------------------------------------
+@pytest.fixture(scope="module")
+def roomy(tiny_server_factory):
+    return tiny_server_factory(MAX_CONCURRENT_REQUESTS="16", REQUEST_QUEUE_SIZE="256", WORKER_CONNECTIONS="600")
+
+
+def test_200_clients_that_disconnect_free_their_slots(roomy):
+    sockets = [send_raw(roomy.port, body(max_tokens=900, ignore_eos=True, stream=i % 2 == 0)) for i in range(200)]
+    time.sleep(0.5)
+    busy = status_of(roomy)["requests"]
+    assert busy["running"] + busy["waiting"] > 0
+    for s in sockets:
+        s.close()
+    took = wait_idle(roomy, 10)
+    print(f"200 dropped clients: engine idle {took:.2f} s after they closed")
+    assert requests.post(roomy.base_url + "/v1/chat/completions", json=body()).status_code == 200
+
+
+# ---- memory-aware admission -------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tight(tiny_server_factory):
+    # tiny Qwen2: 2 layers x 2 KV heads x 16 dims x 2 (K,V) x 4 bytes = 512 B per token;
+    # 256 KiB holds one padded 512-token row.
+    return tiny_server_factory(KV_CACHE_BUDGET="256KiB", MAX_CONCURRENT_REQUESTS="8")
+
+
+def test_a_request_larger_than_the_kv_budget_is_refused(tight):
+    r = requests.post(tight.base_url + "/v1/chat/completions", json=body(max_tokens=700))
+    assert r.status_code == 503 and r.json()["error"]["code"] == "insufficient_memory"
+    assert "Retry-After" in r.headers
+
+
+def test_requests_that_fit_alone_but_not_together_are_held_not_crashed(tight):
+    with cf.ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: requests.post(tight.base_url + "/v1/chat/completions",
+                                                        json=body(max_tokens=300, ignore_eos=True)), range(4)))
+    assert [r.status_code for r in results] == [200] * 4
+    assert all(r.json()["usage"]["completion_tokens"] == 300 for r in results)
+    status = status_of(tight)
+    assert status["batch"]["max_seen"] == 1  # the budget allowed one row at a time
+    assert status["memory"]["kv_budget_bytes"] == 256 * 1024
+
+
+# ---- faults -----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def faulty(tiny_server_factory):
+    return tiny_server_factory(FAULT_INJECTION="true")
+
+
+def test_a_failed_step_fails_its_requests_and_the_server_serves_on(faulty):
+    url = faulty.base_url + "/v1/chat/completions"
+    with cf.ThreadPoolExecutor(2) as pool:
+        plain = pool.submit(requests.post, url, json=body(max_tokens=900, ignore_eos=True))
+        streamed = pool.submit(lambda: requests.post(url, json=body(max_tokens=900, ignore_eos=True, stream=True)).text)
+        time.sleep(0.4)
+        assert requests.post(faulty.base_url + "/debug/fault", json={"kind": "step"}).status_code == 200
+        assert plain.result().status_code == 500
+        assert plain.result().json()["error"]["code"] == "engine_error"
+        events = [line for line in streamed.result().splitlines() if line.startswith("data: ")]
+        assert '"error"' in events[-2] and events[-1] == "data: [DONE]"
+    assert requests.post(url, json=body()).status_code == 200
+    assert requests.get(faulty.base_url + "/health").status_code == 200
+
+
+def test_a_dead_engine_loop_restarts_the_worker(faulty):
+    assert requests.post(faulty.base_url + "/debug/fault", json={"kind": "loop"}).status_code == 200
+    start = time.monotonic()
+    saw_unhealthy = False
+    while time.monotonic() - start < 120:
+        try:
+            code = requests.get(faulty.base_url + "/health", timeout=2).status_code
+        except requests.RequestException:
+            code = None
+        saw_unhealthy |= code != 200
+        if saw_unhealthy and code == 200:
+            break
+        time.sleep(0.1)
+    back = time.monotonic() - start
+    faulty.mark_ready()
+    print(f"engine loop fault: healthy again after {back:.1f} s")
+    assert saw_unhealthy and back < 120
+    assert requests.post(faulty.base_url + "/v1/chat/completions", json=body()).status_code == 200
+    assert "exiting so Gunicorn starts a fresh worker" in faulty.full_log()
+
+
+# ---- SIGTERM ----------------------------------------------------------------------------
+def test_sigterm_refuses_new_work_finishes_in_flight_and_exits_zero(tiny_server_factory):
+    server = tiny_server_factory()
+    session = requests.Session()
+    assert session.post(server.base_url + "/v1/chat/completions", json=body()).status_code == 200
+    with cf.ThreadPoolExecutor(3) as pool:
+        streams = [pool.submit(lambda: requests.post(server.base_url + "/v1/chat/completions", timeout=60,
+                                                     json=body(max_tokens=600, ignore_eos=True)).json())
+                   for _ in range(3)]
+        time.sleep(0.5)
+        server.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.2)
+        try:
+            late = session.post(server.base_url + "/v1/chat/completions", json=body(), timeout=5)
+            assert late.status_code == 503 and late.json()["error"]["code"] == "shutting_down"
+        except requests.ConnectionError:
+            pass  # the listener is closed too: refused at once either way
+        results = [f.result() for f in streams]
+    assert all(r["choices"][0]["finish_reason"] == "length" and r["usage"]["completion_tokens"] == 600
+               for r in results)
+    assert server.proc.wait(30) == 0
+    assert "drained" in server.full_log()
+
+
+def test_drain_budget_ends_long_requests_with_a_clear_reason(tiny_server_factory):
+    server = tiny_server_factory(DRAIN_TIMEOUT="1", GRACEFUL_TIMEOUT="5")
+    with cf.ThreadPoolExecutor(4) as pool:
+        calls = [pool.submit(lambda: requests.post(server.base_url + "/v1/chat/completions", timeout=60,
+                                                   json=body(max_tokens=960, ignore_eos=True)).json())
+                 for _ in range(4)]
+        time.sleep(0.3)
+        server.proc.send_signal(signal.SIGTERM)
+        results = [f.result() for f in calls]
+    reasons = {r["choices"][0]["finish_reason"] for r in results}
+    assert "abort" in reasons and reasons <= {"abort", "length"}
+    assert server.proc.wait(30) == 0

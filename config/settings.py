@@ -30,7 +30,8 @@ class Settings:
     model: str = _spec("MODEL", "'embedded', a .gguf file, an MLX model directory or a Hugging Face repo id")
     model_id: str = _spec("MODEL_ID", "name clients use in the `model` field (default: derived from MODEL)")
     model_dtype: str = _spec("MODEL_DTYPE", "weight dtype after GGUF import", choices=("auto", "keep", "float32", "float16", "bfloat16"))
-    load_format: str = _spec("LOAD_FORMAT", "'weights' or 'dummy' (random weights from config.json, for benchmarks)", choices=("weights", "dummy"))
+    load_format: str = _spec("LOAD_FORMAT", "'weights'; 'dummy': random weights from config.json; 'synthetic': no model, "
+                                            "tokens without compute (HTTP-path benchmark)", choices=("weights", "dummy", "synthetic"))
     orchard_home: str = _spec("ORCHARD_HOME", "cache folder for imported models")
     worker_connections: int = _spec("WORKER_CONNECTIONS", "gevent connections of the one worker", min=16, max=100000)
     keep_alive: int = _spec("KEEP_ALIVE", "seconds an idle keep-alive connection stays open", min=0, max=3600)

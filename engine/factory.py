@@ -35,6 +35,10 @@ def build_engine(settings: Settings) -> Engine:
         return load_model(source, settings.load_format)
 
     def make_generator(model: LoadedModel, max_running: int):
+        if settings.load_format == "synthetic":
+            from engine.synthetic import SyntheticGenerator, text_tokens
+
+            return SyntheticGenerator(text_tokens(model.tokenizer), max_running)
         from engine.generator import Generator
 
         return Generator(model.model, model.eos_token_ids, max_batch=max_running,

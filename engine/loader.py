@@ -21,6 +21,8 @@ def load(source: ModelSource, load_format: str = "weights") -> LoadedModel:
 
     if load_format == "dummy":
         model, tokenizer, config = _load_dummy(Path(source.location))
+    elif load_format == "synthetic":  # HTTP-path benchmark: tokenizer and config, no weights
+        model, tokenizer, config = _load_dummy(Path(source.location), build=False)
     else:
         model, tokenizer, config = mlx_load(source.location, return_config=True)
     params = tree_flatten(model.parameters())
@@ -40,15 +42,18 @@ def load(source: ModelSource, load_format: str = "weights") -> LoadedModel:
     )
 
 
-def _load_dummy(path: Path):
+def _load_dummy(path: Path, build: bool = True):
     import mlx.core as mx
+    import mlx.nn as nn
     from mlx_lm.utils import _get_classes, load_tokenizer
 
     config = json.loads((path / "config.json").read_text())
-    model_class, args_class = _get_classes(config)
-    model = model_class(args_class.from_dict(config))
-    dtype = getattr(mx, config.get("torch_dtype", "float32"), mx.float32)
-    model.set_dtype(dtype)
+    if build:
+        model_class, args_class = _get_classes(config)
+        model = model_class(args_class.from_dict(config))
+        model.set_dtype(getattr(mx, config.get("torch_dtype", "float32"), mx.float32))
+    else:
+        model = nn.Module()
     eos = config.get("eos_token_id")
     tokenizer = load_tokenizer(path, eos_token_ids=[eos] if isinstance(eos, int) else eos)
     return model, tokenizer, config

@@ -1,0 +1,63 @@
+"""A synthetic generator: emits tokens without a model (LOAD_FORMAT=synthetic).
+
+Used only to benchmark the HTTP path (routes, SSE, detokenization, the thread
+hand-off) in isolation: each step 'decodes' one token for every running
+sequence after STEP_S of GIL-free waiting, as a real model step would.
+"""
+from __future__ import annotations
+
+from gevent import monkey
+
+from engine.generator import StepToken
+from engine.messages import AddRequest
+
+_sleep = monkey.get_original("time", "sleep")  # the engine thread must never touch gevent
+STEP_S = 0.001
+
+
+class SyntheticGenerator:
+    def __init__(self, token_ids: list[int], max_batch: int):
+        self._tokens = token_ids
+        self._rows: dict[int, list[int]] = {}  # uid -> [produced, max_tokens]
+        self._next_uid = 0
+        self.active = 0
+
+    def insert(self, request: AddRequest) -> int:
+        uid, self._next_uid = self._next_uid, self._next_uid + 1
+        self._rows[uid] = [0, request.max_tokens]
+        self.active += 1
+        return uid
+
+    def remove(self, uid: int) -> None:
+        if self._rows.pop(uid, None) is not None:
+            self.active -= 1
+
+    def step(self) -> list[StepToken]:
+        _sleep(STEP_S)
+        out = []
+        for uid, row in list(self._rows.items()):
+            token = self._tokens[row[0] % len(self._tokens)]
+            row[0] += 1
+            done = row[0] >= row[1]
+            out.append(StepToken(uid, token, "length" if done else None))
+            if done:
+                self.remove(uid)
+        return out
+
+    @property
+    def decoding(self) -> int:
+        return len(self._rows)
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        self._rows.clear()
+
+
+def text_tokens(tokenizer) -> list[int]:
+    """Ordinary word tokens, so the synthetic stream detokenizes to readable text."""
+    ids = tokenizer.encode(" the quick brown fox jumps over the lazy dog and runs far away",
+                           add_special_tokens=False)
+    return ids or [0]

@@ -223,11 +223,11 @@ class Engine:
         s = self.stats
         s.steps += 1
         s.generated_tokens += n_tokens
-        s.current_batch = self._generator.decoding
+        s.current_batch = n_tokens
         s.max_batch_seen = max(s.max_batch_seen, n_tokens)
-        s.kv_cache_bytes = self._generator.kv_cache_bytes
         s.last_beat = time.monotonic()
-        if s.steps % 16 == 0:
+        if s.steps % 16 == 0:  # sizes walk every layer's cache: not on every step
+            s.kv_cache_bytes = self._generator.kv_cache_bytes
             self._sample_memory()
 
     def _sample_memory(self) -> None:

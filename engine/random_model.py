@@ -40,17 +40,36 @@ _CORPUS = (
 
 
 def write_random_model(out_dir: Path, shape: str = "tiny", *, weights: bool = True,
-                       dtype: str = "float32", seed: int = 0) -> Path:
+                       dtype: str = "float32", seed: int = 0, tokenizer_from: Path | None = None) -> Path:
+    """`tokenizer_from`: copy a real tokenizer (and size the vocabulary to it), so random
+    tokens decode to real text pieces, as benchmarks need."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    n_special = _write_tokenizer(out_dir, SHAPES[shape]["vocab_size"])
-    eos = n_special - 1  # <|im_end|>, the last special token
-    config = dict(SHAPES[shape], model_type="qwen2", architectures=["Qwen2ForCausalLM"], rms_norm_eps=1e-6,
+    shape_config = dict(SHAPES[shape])
+    if tokenizer_from is not None:
+        eos, shape_config["vocab_size"] = _copy_tokenizer(Path(tokenizer_from), out_dir)
+    else:
+        eos = _write_tokenizer(out_dir, shape_config["vocab_size"]) - 1  # <|im_end|>
+    config = dict(shape_config, model_type="qwen2", architectures=["Qwen2ForCausalLM"], rms_norm_eps=1e-6,
                   rope_theta=1000000.0, torch_dtype=dtype, eos_token_id=eos, bos_token_id=None)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
     if weights:
         _write_weights(out_dir, config, dtype, seed)
     return out_dir
+
+
+def _copy_tokenizer(source: Path, out_dir: Path) -> tuple[int, int]:
+    """(eos id, vocabulary size) of the copied tokenizer."""
+    import shutil
+
+    from tokenizers import Tokenizer
+
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(source / name, out_dir / name)
+    tok = Tokenizer.from_file(str(out_dir / "tokenizer.json"))
+    eos_name = json.loads((out_dir / "tokenizer_config.json").read_text()).get("eos_token") or "<|im_end|>"
+    eos_name = eos_name["content"] if isinstance(eos_name, dict) else eos_name
+    return tok.token_to_id(eos_name), tok.get_vocab_size()
 
 
 def _write_tokenizer(out_dir: Path, vocab_size: int) -> int:

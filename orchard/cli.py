@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     rnd.add_argument("--shape", default="qwen2.5-0.5b", choices=("tiny", "qwen2.5-0.5b", "qwen2.5-7b"))
     rnd.add_argument("--dtype", default="bfloat16", choices=("float32", "float16", "bfloat16"))
     rnd.add_argument("--with-weights", action="store_true", help="also write random safetensors")
+    rnd.add_argument("--tokenizer", type=Path, help="copy this folder's tokenizer (vocabulary sized to it)")
     imp = model_sub.add_parser("import", help="convert a GGUF file into a cached MLX model folder")
     imp.add_argument("gguf", type=Path)
     imp.add_argument("--dtype", default="auto", choices=("auto", "keep", "float32", "float16", "bfloat16"))
@@ -89,7 +90,8 @@ def _model(args) -> int:
     if args.action == "random":
         from engine.random_model import write_random_model
 
-        out = write_random_model(args.out, args.shape, weights=args.with_weights, dtype=args.dtype)
+        out = write_random_model(args.out, args.shape, weights=args.with_weights, dtype=args.dtype,
+                                 tokenizer_from=args.tokenizer)
         print(f"wrote {out}\nserve it with: MODEL={out} LOAD_FORMAT={'weights' if args.with_weights else 'dummy'} orchard serve")
         return 0
     from engine.gguf import import_gguf

@@ -1,0 +1,89 @@
+"""The whole Orchard server on random-weight Qwen2.5 shapes, as `docs/benchmarks.md` records it.
+
+For each shape: write a LOAD_FORMAT=dummy model folder (config + a real tokenizer),
+start Gunicorn, run every concurrency level once to warm its batch shape (the first
+call of a shape compiles kernels), then run them again for the record.
+
+    python -m bench.gpu_suite --tokenizer DIR --out DIR [--shapes qwen2.5-0.5b,qwen2.5-7b]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def wait_healthy(base: str, proc: subprocess.Popen, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(base + "/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(1)
+    raise RuntimeError("server not healthy in time")
+
+
+def run_shape(shape: str, args, out: Path) -> dict:
+    from engine.random_model import write_random_model
+
+    model_dir = write_random_model(Path(f"/tmp/orchard-{shape}"), shape, weights=False, dtype=args.dtype,
+                                   tokenizer_from=args.tokenizer)
+    port = 8100
+    env = {**os.environ, "MODEL": str(model_dir), "MODEL_ID": shape, "LOAD_FORMAT": "dummy", "PORT": str(port),
+           "MAX_CONCURRENT_REQUESTS": str(args.max_running), "REQUEST_QUEUE_SIZE": "512",
+           "WORKER_CONNECTIONS": "2000", "PREFILL_BATCH_SIZE": str(args.prefill_batch), "LOG_LEVEL": "warning"}
+    log = open(out / f"server-{shape}.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", str(ROOT / "gunicorn.conf.py")],
+                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(base, proc)
+        bench = [sys.executable, "-m", "bench", "--url", base + "/v1", "--concurrency", args.levels,
+                 "--max-tokens", str(args.max_tokens), "--quiet"]
+        if args.requests:
+            bench += ["--requests-per-level", str(args.requests)]
+        subprocess.run(bench + ["--json", str(out / f"warm-{shape}.json")], cwd=ROOT, check=True,
+                       stdout=subprocess.DEVNULL)
+        result = subprocess.run(bench + ["--json", str(out / f"orchard-{shape}.json")], cwd=ROOT, check=True,
+                                capture_output=True, text=True)
+        print(result.stdout, flush=True)
+        with urllib.request.urlopen(base + "/v1/system/status") as r:
+            status = json.loads(r.read())
+        return {"status": status}
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokenizer", type=Path, required=True)
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench-results")))
+    parser.add_argument("--shapes", default="qwen2.5-0.5b")
+    parser.add_argument("--levels", default="1,8,32,64,128")
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--requests", type=int, default=0, help="per level (default: the bench tool's)")
+    parser.add_argument("--max-running", type=int, default=128)
+    parser.add_argument("--prefill-batch", type=int, default=16)
+    parser.add_argument("--dtype", default="bfloat16")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    summary = {shape: run_shape(shape, args, args.out) for shape in args.shapes.split(",")}
+    (args.out / "gpu_suite.json").write_text(json.dumps(summary, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -54,6 +54,11 @@ class Exchange:
         self._watcher = disconnect.watch(environ, self.abort)
         self.finished: Optional[Finished] = None
 
+    @property
+    def wait_s(self) -> float:
+        """How long to wait for engine output: short enough to notice a queue timeout."""
+        return KEEPALIVE_S if self.admitted else min(KEEPALIVE_S, float(self._queue_timeout))
+
     def next_text(self, timeout: float) -> Optional[str]:
         """Text released by the next engine messages ('' if none yet); None on an idle timeout.
         Raises APIError(503) when the request waited in the queue too long."""
@@ -163,7 +168,7 @@ class ChatService:
         parts: list[str] = []
         try:
             while exchange.finished is None:
-                parts.append(exchange.next_text(KEEPALIVE_S) or "")
+                parts.append(exchange.next_text(exchange.wait_s) or "")
         finally:
             exchange.close()
         finished = exchange.finished
@@ -180,7 +185,7 @@ class ChatService:
             yield chunks.delta("", role=True)
             while exchange.finished is None:
                 try:
-                    piece = exchange.next_text(KEEPALIVE_S)
+                    piece = exchange.next_text(exchange.wait_s)
                 except APIError as error:  # after the first byte, errors travel as an event
                     yield sse(error.body())
                     yield SSE_DONE

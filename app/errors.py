@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from flask import Flask, Response, json
+from flask import Flask, Response, json, request
 from pydantic import ValidationError
 from werkzeug.exceptions import HTTPException
 
@@ -46,7 +46,10 @@ def from_validation(exc: ValidationError) -> APIError:
 
 
 _HTTP_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
-               405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error"}
+               405: "invalid_request_error", 413: "invalid_request_error", 415: "invalid_request_error",
+               429: "rate_limit_error"}
+
+_HTTP_CODES = {405: "method_not_allowed", 413: "request_too_large"}
 
 
 def response(error: APIError) -> Response:
@@ -71,10 +74,12 @@ def install(app: Flask) -> None:
     def _http(error: HTTPException):
         status = error.code or 500
         kind = _HTTP_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
-        message = {404: "Unknown route", 405: "Method not allowed for this route"}.get(status, error.description)
+        message = {404: "Unknown route", 405: "Method not allowed for this route",
+                   413: f"The request body is larger than this server's limit of {request.max_content_length} "
+                        f"bytes"}.get(status, error.description)
         allow = dict(error.get_headers()).get("Allow")
         headers = {"Allow": allow} if allow else None
-        return response(APIError(status, f"{message}", type=kind, code=kind if status != 405 else "method_not_allowed",
+        return response(APIError(status, f"{message}", type=kind, code=_HTTP_CODES.get(status, kind),
                                  headers=headers))
 
     @app.errorhandler(Exception)

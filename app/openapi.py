@@ -34,6 +34,10 @@ def document() -> dict:
         "paths": {
             "/health": {"get": {"summary": "Liveness and readiness", "responses": {"200": _JSON, **_errors(503)}}},
             "/v1/models": {"get": get_json("Served models")},
+            "/v1/models/{model_id}": {"get": {
+                "summary": "One served model", "security": security,
+                "parameters": [{"name": "model_id", "in": "path", "required": True, "schema": {"type": "string"}}],
+                "responses": {"200": _JSON, **_errors(401, 404, 503)}}},
             "/v1/system/status": {"get": get_json("Operator status")},
             "/v1/chat/completions": {"post": {
                 "summary": "Chat completion (JSON, or SSE when stream is true)", "security": security,
@@ -42,6 +46,6 @@ def document() -> dict:
                 "responses": {"200": {"description": "completion", "content": {
                     "application/json": {"schema": {"type": "object"}},
                     "text/event-stream": {"schema": {"type": "string"}}}},
-                    **_errors(400, 401, 404, 413, 429, 503)}}},
+                    **_errors(400, 401, 404, 413, 415, 429, 503)}}},
         },
     }

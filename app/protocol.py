@@ -23,6 +23,11 @@ class TextPart(_Strict):
 
 
 class ChatMessage(_Strict):
+    # The OpenAPI document states what the validator below enforces.
+    model_config = ConfigDict(json_schema_extra={
+        "if": {"properties": {"role": {"const": "assistant"}}},
+        "else": {"required": ["content"], "properties": {"content": {"not": {"type": "null"}}}}})
+
     role: Literal["system", "developer", "user", "assistant"]
     content: Union[str, Annotated[list[TextPart], Field(min_length=1)], None] = None
     name: Optional[Annotated[str, Field(max_length=256)]] = None
@@ -54,6 +59,11 @@ class ResponseFormat(_Strict):
 
 
 class ChatCompletionRequest(_Strict):
+    # The OpenAPI document states what _options_need_stream enforces.
+    model_config = ConfigDict(json_schema_extra={
+        "if": {"required": ["stream_options"], "properties": {"stream_options": {"type": "object"}}},
+        "then": {"required": ["stream"], "properties": {"stream": {"const": True}}}})
+
     model: Annotated[str, Field(min_length=1, max_length=256)]
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=4096)]
     max_tokens: Optional[Annotated[int, Field(ge=1)]] = None

@@ -159,6 +159,19 @@ def test_a_burst_of_200_gets_only_successes_and_designed_refusals(small):
     wait_idle(small, 10)
 
 
+def test_a_request_queued_past_queue_timeout_is_refused(tiny_server_factory):
+    server = tiny_server_factory(MAX_CONCURRENT_REQUESTS="1", QUEUE_TIMEOUT="1")
+    url = server.base_url + "/v1/chat/completions"
+    with cf.ThreadPoolExecutor(2) as pool:
+        long = pool.submit(requests.post, url, json=body(max_tokens=960, ignore_eos=True))
+        time.sleep(0.3)
+        start = time.monotonic()
+        waited = requests.post(url, json=body())
+        assert waited.status_code == 503 and waited.json()["error"]["type"] == "server_is_overloaded"
+        assert 1 <= time.monotonic() - start < 5 and "Retry-After" in waited.headers
+        assert long.result().status_code == 200
+
+
 # ---- clients that hang up ---------------------------------------------------------------
 @pytest.fixture(scope="module")
 def roomy(tiny_server_factory):

@@ -1,0 +1,373 @@
+"""Malformed and hostile requests against a real Gunicorn server on the tiny Qwen2.
+
+Every request is sent byte-for-byte over a raw socket (no client library to normalise
+it) with a valid key. Each must get the right 4xx and OpenAI's error envelope, exactly
+{"error": {"message", "type", "param", "code"}}, as JSON: never HTML, never a 5xx. After
+the whole table the server still answers a normal request. The module's server is
+watched by gevent's monitor: no request may block the event loop over 100 ms.
+"""
+from __future__ import annotations
+
+import json
+import socket
+from dataclasses import dataclass, field
+
+import pytest
+
+KEY = "k"
+MAX_BODY = 65536
+LIMIT = 8192  # MAX_TOKENS_LIMIT's default
+CONTEXT = 1024  # the tiny Qwen2's context length
+
+
+# ---- raw HTTP ------------------------------------------------------------------------------
+@dataclass
+class Reply:
+    status: int
+    headers: dict[str, str]  # lower-case names; a repeated name keeps its last value
+    header_names: list[str]
+    body: bytes
+
+    def json(self):
+        return json.loads(self.body)
+
+
+def exchange(port: int, data: bytes, timeout: float = 30.0) -> Reply:
+    """Send exactly `data`, read the answer until the server closes the connection."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    try:
+        try:
+            s.sendall(data)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # refused before the whole body was read (413): the answer is already there
+        raw = b""
+        while True:
+            try:
+                chunk = s.recv(65536)
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            raw += chunk
+    finally:
+        s.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    assert lines[0].startswith("HTTP/1."), raw[:200]
+    pairs = [line.partition(":") for line in lines[1:]]
+    headers = {name.strip().lower(): value.strip() for name, _, value in pairs}
+    if headers.get("transfer-encoding") == "chunked":
+        body = dechunk(body)
+    return Reply(int(lines[0].split()[1]), headers, [name.strip().lower() for name, _, _ in pairs], body)
+
+
+def dechunk(data: bytes) -> bytes:
+    out = b""
+    while data:
+        size_line, _, data = data.partition(b"\r\n")
+        size = int(size_line.split(b";")[0], 16)
+        if size == 0:
+            break
+        out, data = out + data[:size], data[size + 2:]
+    return out
+
+
+@dataclass
+class Req:
+    """One request, built byte for byte."""
+
+    body: bytes | dict | list | str | None = b""
+    method: str = "POST"
+    path: str = "/v1/chat/completions"
+    content_type: str | None = "application/json"
+    auth: str | None = f"Bearer {KEY}"
+    chunked: bool = False
+    host: str = "127.0.0.1"
+    extra: list[bytes] = field(default_factory=list)  # raw header lines, sent as given
+
+    def payload(self) -> bytes:
+        if isinstance(self.body, bytes):
+            return self.body
+        return json.dumps(self.body).encode()
+
+    def to_bytes(self) -> bytes:
+        payload = self.payload()
+        lines = [f"{self.method} {self.path} HTTP/1.1".encode(), b"Host: " + self.host.encode(),
+                 b"Connection: close"]
+        if self.auth is not None:
+            lines.append(b"Authorization: " + self.auth.encode())
+        if self.content_type is not None:
+            lines.append(b"Content-Type: " + self.content_type.encode())
+        lines += self.extra
+        if self.chunked:
+            lines.append(b"Transfer-Encoding: chunked")
+            piece = 8192
+            chunks = b"".join(b"%x\r\n%s\r\n" % (len(payload[i:i + piece]), payload[i:i + piece])
+                              for i in range(0, len(payload), piece))
+            return b"\r\n".join(lines) + b"\r\n\r\n" + chunks + b"0\r\n\r\n"
+        if payload or self.method in ("POST", "PUT", "PATCH"):
+            lines.append(b"Content-Length: %d" % len(payload))
+        return b"\r\n".join(lines) + b"\r\n\r\n" + payload
+
+
+def chat(**changes) -> dict:
+    """A valid request with some fields changed; a value of ... removes the field."""
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    body.update(changes)
+    return {k: v for k, v in body.items() if v is not ...}
+
+
+def with_message(**changes) -> dict:
+    message = {"role": "user", "content": "hi", **changes}
+    return chat(messages=[{k: v for k, v in message.items() if v is not ...}])
+
+
+def raw_chat(fragment: bytes) -> bytes:
+    """A valid request with `fragment` (raw JSON bytes, e.g. b'"temperature": NaN') added."""
+    return b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, ' + fragment + b"}"
+
+
+VALID = json.dumps(chat()).encode()
+# 70 KB of a valid document: padding inside a string, so only the size is wrong.
+OVERSIZED = json.dumps(chat(messages=[{"role": "user", "content": "a" * (100 * 1024)}])).encode()
+CHUNKED_HUGE = json.dumps(chat(messages=[{"role": "user", "content": "b" * (256 * 1024)}])).encode()
+
+
+def case(req: Req, status: int, id: str, code: str | None = None, param: str | None = None):
+    return pytest.param(req, status, code, param, id=id)
+
+
+CASES = [
+    # -- not JSON, or not an object --------------------------------------------------------
+    case(Req(b"{not json"), 400, "invalid-json", "invalid_json"),
+    case(Req(b'{"model": "tiny", "messages": ['), 400, "truncated-json", "invalid_json"),
+    case(Req(VALID + b" trailing"), 400, "trailing-garbage", "invalid_json"),
+    case(Req(b"{'model': 'tiny'}"), 400, "single-quoted-json", "invalid_json"),
+    case(Req(b""), 400, "empty-body"),
+    case(Req(b"null"), 400, "top-level-null"),
+    case(Req(b"[]"), 400, "top-level-array"),
+    case(Req(b'[{"model": "tiny"}]'), 400, "top-level-array-of-object"),
+    case(Req(b'"tiny"'), 400, "top-level-string"),
+    case(Req(b"42"), 400, "top-level-number"),
+    case(Req(b"\xff\xfe\x00{}"), 400, "invalid-utf8-body", "invalid_json"),
+    case(Req(raw_chat(b'"user": "a\xc3\x28b"')), 400, "invalid-utf8-in-string", "invalid_json"),
+    case(Req(raw_chat(b'"user": "\\ud800"')), 400, "lone-surrogate-escape", "invalid_json"),
+    case(Req(b"[" * 10_000), 400, "nested-10000-arrays", "invalid_json"),
+    case(Req(b'{"model": "tiny", "messages": ' + b"[" * 10_000 + b"]" * 10_000 + b"}"), 400,
+         "nested-10000-in-messages", "invalid_json"),
+    case(Req(b'{"a":' * 5_000 + b"1" + b"}" * 5_000), 400, "nested-5000-objects", "invalid_json"),
+    # -- numbers out of range or of the wrong type -------------------------------------------
+    case(Req(raw_chat(b'"temperature": 1e309')), 400, "temperature-1e309", "invalid_value", "temperature"),
+    case(Req(chat(max_tokens=10**40)), 400, "max-tokens-10e40", None, "max_tokens"),
+    case(Req(chat(seed=2**64)), 400, "seed-2e64", "invalid_value", "seed"),
+    case(Req(chat(max_tokens=0)), 400, "max-tokens-zero", "invalid_value", "max_tokens"),
+    case(Req(chat(max_tokens=-1)), 400, "max-tokens-negative", "invalid_value", "max_tokens"),
+    case(Req(chat(max_tokens=LIMIT + 1)), 400, "max-tokens-above-cap", None, "max_tokens"),
+    case(Req(chat(max_tokens=4.5)), 400, "max-tokens-float", "invalid_value", "max_tokens"),
+    case(Req(chat(max_tokens=True)), 400, "max-tokens-bool", "invalid_value", "max_tokens"),
+    case(Req(chat(max_tokens="4")), 400, "max-tokens-string", "invalid_value", "max_tokens"),
+    case(Req(chat(max_tokens=..., max_completion_tokens=0)), 400, "max-completion-tokens-zero",
+         "invalid_value", "max_completion_tokens"),
+    case(Req(chat(temperature=-1)), 400, "temperature-negative", "invalid_value", "temperature"),
+    case(Req(chat(temperature=3)), 400, "temperature-3", "invalid_value", "temperature"),
+    case(Req(chat(temperature="NaN")), 400, "temperature-nan-string", "invalid_value", "temperature"),
+    case(Req(raw_chat(b'"temperature": NaN')), 400, "temperature-nan-literal", None, "temperature"),
+    case(Req(raw_chat(b'"top_p": Infinity')), 400, "top-p-infinity-literal", None, "top_p"),
+    case(Req(chat(temperature=True)), 400, "temperature-bool", "invalid_value", "temperature"),
+    case(Req(chat(top_p=0)), 400, "top-p-zero", "invalid_value", "top_p"),
+    case(Req(chat(top_p=1.5)), 400, "top-p-1.5", "invalid_value", "top_p"),
+    case(Req(chat(presence_penalty=2.5)), 400, "presence-penalty-2.5", "invalid_value", "presence_penalty"),
+    case(Req(chat(frequency_penalty=-3)), 400, "frequency-penalty-minus-3", "invalid_value", "frequency_penalty"),
+    case(Req(chat(n=0)), 400, "n-zero", "invalid_value", "n"),
+    case(Req(chat(n=2)), 400, "n-two", "invalid_value", "n"),
+    case(Req(chat(n=-1)), 400, "n-negative", "invalid_value", "n"),
+    # -- stop -----------------------------------------------------------------------------
+    case(Req(chat(stop=["a", "b", "c", "d", "e"])), 400, "stop-five-entries", "invalid_value"),
+    case(Req(chat(stop=[1, 2])), 400, "stop-non-strings", "invalid_value"),
+    case(Req(chat(stop="")), 400, "stop-empty-string", "invalid_value"),
+    case(Req(chat(stop=[""])), 400, "stop-list-with-empty-string", "invalid_value"),
+    case(Req(chat(stop={"a": 1})), 400, "stop-object", "invalid_value"),
+    # -- messages ---------------------------------------------------------------------------
+    case(Req(with_message(role="tool")), 400, "role-tool", "invalid_value", "messages.0.role"),
+    case(Req(with_message(role="root")), 400, "role-unknown", "invalid_value", "messages.0.role"),
+    case(Req(with_message(role=None)), 400, "role-null", "invalid_value", "messages.0.role"),
+    case(Req(with_message(content=...)), 400, "content-missing", "invalid_value", "messages.0"),
+    case(Req(with_message(content=None)), 400, "content-null", "invalid_value", "messages.0"),
+    case(Req(with_message(content=42)), 400, "content-number", "invalid_value"),
+    case(Req(with_message(content={"text": "hi"})), 400, "content-object", "invalid_value"),
+    case(Req(with_message(content=[])), 400, "content-empty-list", "invalid_value"),
+    case(Req(with_message(content=[{"type": "image_url", "image_url": {"url": "file:///etc/passwd"}}])), 400,
+         "content-image-part", "invalid_value"),
+    case(Req(with_message(content=[{"type": "text"}])), 400, "content-text-part-without-text", "invalid_value"),
+    case(Req(with_message(content=["hi"])), 400, "content-list-of-strings", "invalid_value"),
+    case(Req(with_message(tool_calls=[])), 400, "unknown-field-in-message", "invalid_value", "messages.0.tool_calls"),
+    case(Req(with_message(name="x" * 300)), 400, "message-name-too-long", "invalid_value", "messages.0.name"),
+    case(Req(chat(messages=...)), 400, "messages-missing", "invalid_value", "messages"),
+    case(Req(chat(messages=[])), 400, "messages-empty", "invalid_value", "messages"),
+    case(Req(chat(messages="hi")), 400, "messages-string", "invalid_value", "messages"),
+    case(Req(chat(messages={"role": "user", "content": "hi"})), 400, "messages-object", "invalid_value", "messages"),
+    case(Req(chat(messages=[None])), 400, "messages-null-entry", "invalid_value", "messages.0"),
+    # 10,000 messages are ~300 KB of JSON: refused for size before anything is parsed.
+    case(Req(chat(messages=[{"role": "user", "content": "a"}] * 10_000)), 413, "messages-10000",
+         "request_too_large"),
+    case(Req(chat(messages=[{"role": "user", "content": "word " * 2000}])), 400, "prompt-longer-than-context",
+         "context_length_exceeded", "messages"),
+    case(Req(chat(max_tokens=CONTEXT - 4)), 400, "prompt-plus-max-tokens-over-context",
+         "context_length_exceeded", "messages"),
+    # -- model ----------------------------------------------------------------------------
+    *[case(Req(chat(model=name)), 404, f"model-{label}", "model_not_found", "model")
+      for label, name in [("etc-passwd", "/etc/passwd"), ("dot-dot", "../../x"), ("home-ssh", "~/.ssh/id_rsa"),
+                          ("embedded", "embedded"), ("windows-path", "C:\\x"), ("other", "gpt-4o"),
+                          ("file-url", "file:///etc/passwd"), ("tiny-with-slash", "tiny/../tiny")]],
+    case(Req(chat(model=None)), 400, "model-null", "invalid_value", "model"),
+    case(Req(chat(model="")), 400, "model-empty", "invalid_value", "model"),
+    case(Req(chat(model="m" * 300)), 400, "model-very-long", "invalid_value", "model"),
+    case(Req(chat(model=...)), 400, "model-missing", "invalid_value", "model"),
+    case(Req(chat(model=["tiny"])), 400, "model-list", "invalid_value", "model"),
+    # -- streaming flags --------------------------------------------------------------------
+    case(Req(chat(stream="true")), 400, "stream-string", "invalid_value", "stream"),
+    case(Req(chat(stream=1)), 400, "stream-number", "invalid_value", "stream"),
+    case(Req(chat(stream_options={"include_usage": True})), 400, "stream-options-without-stream",
+         "invalid_value", "stream_options"),
+    case(Req(chat(stream=True, stream_options={"include_usage": "yes"})), 400, "stream-options-bad-value",
+         "invalid_value"),
+    # -- features this server does not offer: refused, never silently ignored --------------
+    case(Req(chat(chat_template="{{ 'pwned' }}")), 400, "chat-template-field", "invalid_value", "chat_template"),
+    case(Req(chat(chat_template_kwargs={"enable_thinking": True})), 400, "chat-template-kwargs-field",
+         "invalid_value", "chat_template_kwargs"),
+    case(Req(chat(tools=[{"type": "function", "function": {"name": "f"}}])), 400, "tools-field",
+         "invalid_value", "tools"),
+    case(Req(chat(tool_choice="auto")), 400, "tool-choice-field", "invalid_value", "tool_choice"),
+    case(Req(chat(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {}}})), 400,
+         "response-format-json-schema", "invalid_value"),
+    case(Req(chat(response_format={"type": "json_object"})), 400, "response-format-json-object", "invalid_value"),
+    case(Req(chat(logprobs=True)), 400, "logprobs-true", "invalid_value", "logprobs"),
+    case(Req(chat(top_logprobs=5)), 400, "top-logprobs-field", "invalid_value", "top_logprobs"),
+    case(Req(chat(unknown_field=1)), 400, "unknown-top-level-field", "invalid_value", "unknown_field"),
+    case(Req(chat(user="u" * 300)), 400, "user-too-long", "invalid_value", "user"),
+    # -- size -----------------------------------------------------------------------------
+    case(Req(OVERSIZED), 413, "body-100kb-over-64kb", "request_too_large"),
+    case(Req(CHUNKED_HUGE, chunked=True), 413, "chunked-body-256kb-over-64kb", "request_too_large"),
+    case(Req(b" " * (MAX_BODY + 10) + VALID, chunked=True), 413, "chunked-padded-valid-json-over-64kb",
+         "request_too_large"),
+    # -- content types ----------------------------------------------------------------------
+    case(Req(VALID, content_type="text/plain"), 415, "content-type-text-plain", "unsupported_media_type"),
+    case(Req(b"model=tiny&messages=hi", content_type="application/x-www-form-urlencoded"), 415,
+         "content-type-form", "unsupported_media_type"),
+    case(Req(b"--zz\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\ntiny\r\n--zz--\r\n",
+             content_type="multipart/form-data; boundary=zz"), 415, "content-type-multipart", "unsupported_media_type"),
+    case(Req(VALID, content_type=None), 415, "content-type-missing", "unsupported_media_type"),
+    case(Req(VALID, content_type="application/xml"), 415, "content-type-xml", "unsupported_media_type"),
+    # -- methods and routes ---------------------------------------------------------------
+    *[case(Req(b"", method=method, path=path), 405, f"{method}-{path.strip('/').replace('/', '-') or 'root'}",
+           "method_not_allowed")
+      for method, path in [("GET", "/v1/chat/completions"), ("PUT", "/v1/chat/completions"),
+                           ("DELETE", "/v1/chat/completions"), ("PATCH", "/v1/chat/completions"),
+                           ("POST", "/v1/models"), ("DELETE", "/v1/models/tiny"), ("POST", "/v1/system/status"),
+                           ("POST", "/health"), ("POST", "/openapi.json"), ("PUT", "/metrics"),
+                           ("TRACE", "/v1/models"), ("GET", "/debug/fault")]],
+    *[case(Req(b"", method=method, path=path), 404, f"unknown-{method}-{path.strip('/').replace('/', '-')}",
+           code)
+      for method, path, code in [("GET", "/v2/nothing", "not_found_error"),
+                                 ("POST", "/v1/completions", "not_found_error"),
+                                 ("POST", "/v1/embeddings", "not_found_error"),
+                                 ("GET", "/admin", "not_found_error"),
+                                 ("GET", "/v1/models/embedded", "model_not_found"),
+                                 ("GET", "/v1/models/..%2F..%2Fetc%2Fpasswd", "model_not_found"),
+                                 ("POST", "/debug/fault", "not_found_error")]],
+    # -- authentication ---------------------------------------------------------------------
+    case(Req(b"", method="GET", path="/v2/nothing", auth=None), 401, "unknown-route-without-key",
+         "invalid_api_key"),
+    case(Req(VALID, auth=None), 401, "chat-without-key", "invalid_api_key"),
+    case(Req(VALID, auth="Bearer wrong"), 401, "chat-wrong-key", "invalid_api_key"),
+    case(Req(VALID, auth="Bearer "), 401, "chat-empty-bearer", "invalid_api_key"),
+    case(Req(VALID, auth=f"Basic {KEY}"), 401, "chat-basic-scheme", "invalid_api_key"),
+    case(Req(b"", method="GET", path="/v1/models", auth=f"Bearer {KEY}x"), 401, "models-key-with-suffix",
+         "invalid_api_key"),
+    case(Req(b"", method="GET", path="/v1/system/status", auth="Bearer " + "k" * 4000), 401,
+         "status-4kb-key", "invalid_api_key"),
+    # -- headers --------------------------------------------------------------------------
+    case(Req(VALID, host="h" * 1024), 400, "host-header-1kb"),
+    case(Req(chat(model="nope"), extra=[b"X-Request-Id: abc\r\nX-Injected: evil"]), 404,
+         "request-id-crlf-split", "model_not_found"),
+    case(Req(chat(model="nope"), extra=[b"X-Request-Id: <script>alert(1)</script>"]), 404,
+         "request-id-markup", "model_not_found"),
+    case(Req(chat(model="nope"), extra=[b"X-Request-Id: a%0d%0aX-Injected:%20evil"]), 404,
+         "request-id-percent-encoded-crlf", "model_not_found"),
+    case(Req(chat(model="nope"), extra=[b"X-Request-Id: " + b"r" * 4000]), 404, "request-id-4kb",
+         "model_not_found"),
+]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_server_factory):
+    return tiny_server_factory(API_KEYS=KEY, MAX_BODY_BYTES=str(MAX_BODY))
+
+
+def assert_envelope(reply: Reply, status: int, code: str | None, param: str | None) -> dict:
+    text = reply.body[:500]
+    assert reply.status == status, (reply.status, text)
+    assert reply.headers.get("content-type", "").split(";")[0] == "application/json", (reply.headers, text)
+    assert b"<html" not in reply.body.lower() and b"<!doctype" not in reply.body.lower(), text
+    payload = reply.json()
+    assert isinstance(payload, dict) and set(payload) == {"error"}, payload
+    error = payload["error"]
+    assert set(error) == {"message", "type", "param", "code"}, error
+    assert isinstance(error["message"], str) and error["message"].strip(), error
+    assert isinstance(error["type"], str) and error["type"], error
+    assert error["param"] is None or isinstance(error["param"], str), error
+    assert error["code"] is None or isinstance(error["code"], str), error
+    if code is not None:
+        assert error["code"] == code, error
+    if param is not None:
+        assert error["param"] == param, error
+    return error
+
+
+@pytest.mark.parametrize("req, status, code, param", CASES)
+def test_hostile_request_gets_a_4xx_envelope(server, req, status, code, param):
+    reply = exchange(server.port, req.to_bytes())
+    error = assert_envelope(reply, status, code, param)
+    if status == 401:
+        assert reply.headers.get("www-authenticate", "").startswith("Bearer")
+    if status == 405:
+        assert reply.headers.get("allow"), reply.headers
+    # No header smuggled in by the client comes back, and the request id is always sane.
+    assert "x-injected" not in reply.header_names
+    request_id = reply.headers["x-request-id"]
+    assert request_id.replace("-", "").replace(".", "").replace(":", "").replace("_", "").isalnum()
+    assert len(request_id) <= 128 and "<" not in request_id and "%" not in request_id
+    assert "evil" not in json.dumps(error)
+
+
+def test_crlf_in_a_request_id_never_comes_back_raw(server):
+    forged = exchange(server.port, Req(chat(model="nope"), extra=[b"X-Request-Id: abc\r\nX-Injected: evil"]).to_bytes())
+    assert forged.headers["x-request-id"] == "abc" and "x-injected" not in forged.header_names
+    escaped = exchange(server.port, Req(chat(model="nope"), extra=[b"X-Request-Id: a%0d%0aSet-Cookie:x"]).to_bytes())
+    assert len(escaped.headers["x-request-id"]) == 32 and "set-cookie" not in escaped.header_names
+
+
+@pytest.mark.parametrize("line", [b"X-Request-Id: abc\rX-Injected: evil", b"X-Request-Id: abc\nX-Injected: evil",
+                                  b"X-Request-Id: abc\x00evil", b"Content-Length: -1"],
+                         ids=["bare-cr", "bare-lf", "nul-byte", "negative-content-length"])
+def test_malformed_header_lines_are_refused_by_the_http_parser(server, line):
+    """These never reach the app: Gunicorn's parser answers 400 itself (its own page, not
+    the envelope). What matters: a 4xx, nothing echoed, and the server serves on."""
+    reply = exchange(server.port, Req(VALID, extra=[line]).to_bytes())
+    assert 400 <= reply.status < 500, (reply.status, reply.body[:300])
+    assert "x-injected" not in reply.header_names and b"evil" not in reply.body
+
+
+def test_the_server_still_serves_after_the_whole_table(server):
+    health = exchange(server.port, Req(b"", method="GET", path="/health", auth=None).to_bytes())
+    assert health.status == 200 and health.json() == {"status": "ok"}
+    reply = exchange(server.port, Req(VALID).to_bytes())
+    assert reply.status == 200, reply.body[:500]
+    data = reply.json()
+    assert data["object"] == "chat.completion" and data["choices"][0]["finish_reason"] in ("stop", "length")
+    chunked = exchange(server.port, Req(VALID, chunked=True).to_bytes())
+    assert chunked.status == 200 and chunked.json()["object"] == "chat.completion"
+    streamed = exchange(server.port, Req(chat(stream=True)).to_bytes())
+    assert streamed.status == 200 and streamed.body.rstrip().endswith(b"data: [DONE]")
+    status = exchange(server.port, Req(b"", method="GET", path="/v1/system/status").to_bytes()).json()
+    assert status["requests"]["running"] == 0 and status["requests"]["waiting"] == 0

@@ -42,7 +42,7 @@ def start(spec: str, port: int, model_dir: str, out: Path, label: str) -> subpro
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--a", required=True)
     parser.add_argument("--b", required=True)
     parser.add_argument("--out", type=Path, default=Path("bench-results"))

@@ -40,9 +40,6 @@ def activate(setting: str) -> str:
         elif "mlx.core" in sys.modules:
             log.warning("mlx was imported before OpenBLAS could be loaded; keeping the bundled BLAS")
         else:
-            # OpenBLAS threads busy-wait: leave one core to the event loop, or a saturated
-            # engine starves HTTP (measured: /health took 2 s under a 200-client burst on 2 cores).
-            os.environ.setdefault("OPENBLAS_NUM_THREADS", str(max(1, (os.cpu_count() or 2) - 1)))
             ctypes.CDLL(lib, mode=ctypes.RTLD_GLOBAL)
             _loaded.append(lib)
     state = in_use()

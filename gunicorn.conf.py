@@ -2,7 +2,13 @@
 
 Every value comes from config.Settings (environment / .env / .env.production).
 """
+from gunicorn import util as _gunicorn_util
+
+from app.errors import write_raw_error
 from config import load_settings
+
+# Requests Gunicorn itself cannot parse get the OpenAI envelope too, never an HTML page.
+_gunicorn_util.write_error = write_raw_error
 
 _settings = load_settings()
 

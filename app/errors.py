@@ -86,3 +86,18 @@ def install(app: Flask) -> None:
     def _unexpected(error: Exception):
         app.logger.exception("unhandled error")
         return response(APIError(500, "Internal server error", type="server_error", code="internal_error"))
+
+
+def write_raw_error(sock, status_int: int, reason: str, mesg: str) -> None:
+    """Gunicorn's own answer to a request it cannot parse (bad request line or headers),
+    in the envelope too: replaces gunicorn.util.write_error, which sends an HTML page."""
+    kind = "invalid_request_error" if status_int < 500 else "server_error"
+    # Gunicorn's detail can quote the offending header: never echo client bytes back.
+    message = f"{reason}: the HTTP request could not be parsed" if status_int < 500 else reason
+    body = json.dumps({"error": {"message": message, "type": kind, "param": None,
+                                 "code": reason.lower().replace(" ", "_")}}).encode()
+    head = (f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode("latin1")
+    from gunicorn.util import write_nonblock
+
+    write_nonblock(sock, head + body)

@@ -351,10 +351,11 @@ def test_crlf_in_a_request_id_never_comes_back_raw(server):
                                   b"X-Request-Id: abc\x00evil", b"Content-Length: -1"],
                          ids=["bare-cr", "bare-lf", "nul-byte", "negative-content-length"])
 def test_malformed_header_lines_are_refused_by_the_http_parser(server, line):
-    """These never reach the app: Gunicorn's parser answers 400 itself (its own page, not
-    the envelope). What matters: a 4xx, nothing echoed, and the server serves on."""
+    """These never reach the app: Gunicorn's parser answers itself, in the envelope too
+    (gunicorn.conf.py swaps its HTML error page). A 4xx, nothing echoed, the server serves on."""
     reply = exchange(server.port, Req(VALID, extra=[line]).to_bytes())
     assert 400 <= reply.status < 500, (reply.status, reply.body[:300])
+    assert set(reply.json()["error"]) == {"message", "type", "param", "code"}
     assert "x-injected" not in reply.header_names and b"evil" not in reply.body
 
 

@@ -8,7 +8,6 @@ The served name never reveals a local path.
 """
 from __future__ import annotations
 
-import platform
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,7 +60,3 @@ def _from_gguf(gguf: Path, cache_dir: Path, dtype_setting: str, model_id: str, p
 
     out = import_gguf(gguf, cache_dir / "imported", dtype=import_dtype(dtype_setting), progress=progress)
     return ModelSource(model_id, str(out), True)
-
-
-def describe_platform() -> str:
-    return f"{platform.system()} {platform.machine()}"

@@ -168,11 +168,11 @@ class Engine:
             try:
                 message = self._inbox.get(timeout=_IDLE_WAKE_S) if block else self._inbox.get_nowait()
             except _queue.Empty:
-                self.stats.last_beat = time.monotonic()
+                if not block:  # the usual case between steps: nothing to do here
+                    return True
+                self.stats.last_beat = time.monotonic()  # idle heartbeat
                 self._sample_memory()
-                if block:
-                    continue
-                return True
+                continue
             block = False
             if isinstance(message, AddRequest):
                 self._scheduler.add(message)

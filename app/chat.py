@@ -45,6 +45,7 @@ class Exchange:
         self._engine = service.engine
         self._queue_timeout = service.settings.queue_timeout
         self.admitted = False
+        self.cached_tokens = 0  # prompt tokens the engine's prefix cache supplied
         self.timer = service.metrics.timer()
         self.stream = self._engine.submit(AddRequest(
             p.completion_id, p.prompt_tokens, p.max_tokens, p.request.sampling_params(),
@@ -79,6 +80,7 @@ class Exchange:
                     break
             elif isinstance(message, Admitted):
                 self.admitted = True
+                self.cached_tokens = message.cached_tokens
                 self.timer.admitted()
             elif isinstance(message, Finished):
                 if message.finish_reason != "error":
@@ -89,9 +91,10 @@ class Exchange:
     def _finish(self, finished: Finished) -> None:
         reason = finished.finish_reason
         self.finished = finished
-        self.timer.finished(reason, finished.prompt_tokens or len(self.p.prompt_tokens))
+        self.timer.finished(reason, finished.prompt_tokens or len(self.p.prompt_tokens), self.cached_tokens)
         log_completion(self.p.request_id, reason, len(self.p.prompt_tokens), finished.completion_tokens,
-                       time.perf_counter() - self.timer.arrived, self.p.prompt_text)
+                       time.perf_counter() - self.timer.arrived, self.p.prompt_text,
+                       cached_tokens=self.cached_tokens)
         self.close()
 
     def abort(self) -> None:
@@ -175,7 +178,8 @@ class ChatService:
         if finished.finish_reason == "error":
             raise APIError(500, f"Generation failed: {finished.error}", type="server_error", code="engine_error")
         return chat_completion(p.completion_id, p.created, self.model.model_id, "".join(parts),
-                               finished.finish_reason, len(p.prompt_tokens), finished.completion_tokens)
+                               finished.finish_reason, len(p.prompt_tokens), finished.completion_tokens,
+                               exchange.cached_tokens)
 
     def stream(self, p: Prepared, environ: dict) -> Iterator[str]:
         """SSE events. Errors after the first byte become an error event, then [DONE]."""
@@ -201,7 +205,7 @@ class ChatService:
             else:
                 yield chunks.delta(finish_reason=finished.finish_reason)
                 if p.request.include_usage:
-                    yield chunks.usage(len(p.prompt_tokens), finished.completion_tokens)
+                    yield chunks.usage(len(p.prompt_tokens), finished.completion_tokens, exchange.cached_tokens)
             yield SSE_DONE
         finally:
             exchange.close()  # the client went away, or the text hit a stop string: free the slot

@@ -5,13 +5,15 @@ import json
 from typing import Optional
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 def chat_completion(completion_id: str, created: int, model: str, text: str,
-                    finish_reason: str, prompt_tokens: int, completion_tokens: int) -> dict:
+                    finish_reason: str, prompt_tokens: int, completion_tokens: int,
+                    cached_tokens: int = 0) -> dict:
     return {
         "id": completion_id,
         "object": "chat.completion",
@@ -24,7 +26,7 @@ def chat_completion(completion_id: str, created: int, model: str, text: str,
             "logprobs": None,
             "finish_reason": finish_reason,
         }],
-        "usage": usage(prompt_tokens, completion_tokens),
+        "usage": usage(prompt_tokens, completion_tokens, cached_tokens),
     }
 
 
@@ -49,8 +51,8 @@ class ChunkWriter:
             chunk["usage"] = None
         return sse(chunk)
 
-    def usage(self, prompt_tokens: int, completion_tokens: int) -> str:
-        return sse(dict(self._head, choices=[], usage=usage(prompt_tokens, completion_tokens)))
+    def usage(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> str:
+        return sse(dict(self._head, choices=[], usage=usage(prompt_tokens, completion_tokens, cached_tokens)))
 
 
 def sse(payload: dict) -> str:

@@ -30,6 +30,9 @@ class Metrics:
         self.queue = Histogram("orchard:request_queue_time_seconds", "Time from arrival to admission into the batch",
                                registry=r, buckets=LATENCY_BUCKETS)
         self.prompt_tokens = Counter("orchard:prompt_tokens", "Prompt tokens processed", registry=r)
+        self.cached_prompt_tokens = Counter("orchard:prompt_tokens_cached",
+                                            "Prompt tokens served from the prefix cache (part of prompt_tokens)",
+                                            registry=r)
         self.generation_tokens = Counter("orchard:generation_tokens", "Tokens generated", registry=r)
         self.success = Counter("orchard:request_success", "Finished requests by finish reason",
                                ["finished_reason"], registry=r)
@@ -49,6 +52,8 @@ class Metrics:
             "request_queue_capacity": ("Requests that may wait", lambda: settings.request_queue_size),
             "batch_size": ("Sequences decoded in the last step", lambda: s.current_batch),
             "kv_cache_bytes": ("Bytes held by KV caches", lambda: s.kv_cache_bytes),
+            "prefix_cache_bytes": ("Bytes held by the prefix cache", lambda: engine.prefix_cache()["bytes"]),
+            "prefix_cache_entries": ("Sequences kept in the prefix cache", lambda: engine.prefix_cache()["entries"]),
             "mlx_active_memory_bytes": ("MLX active memory", lambda: s.mlx_active_bytes),
             "mlx_peak_memory_bytes": ("MLX peak memory", lambda: s.mlx_peak_bytes),
             "engine_up": ("1 when the engine is ready", lambda: 1 if engine.state.value == "ready" else 0),
@@ -95,7 +100,8 @@ class RequestTimer:
         self._last = now
         self._m.generation_tokens.inc(count)
 
-    def finished(self, reason: str, prompt_tokens: int) -> None:
+    def finished(self, reason: str, prompt_tokens: int, cached_tokens: int = 0) -> None:
         self._m.e2e.observe(time.perf_counter() - self.arrived)
         self._m.prompt_tokens.inc(prompt_tokens)
+        self._m.cached_prompt_tokens.inc(cached_tokens)
         self._m.success.labels(reason if reason in FINISH_REASONS else "error").inc()

@@ -53,6 +53,7 @@ class Settings:
     queue_timeout: int = _spec("QUEUE_TIMEOUT", "seconds a request may wait for a batch slot", min=1, max=3600)
     drain_timeout: int = _spec("DRAIN_TIMEOUT", "seconds in-flight requests get to finish after SIGTERM", min=0, max=3600)
     kv_cache_budget: str = _spec("KV_CACHE_BUDGET", "bytes of KV cache admitted requests may reserve: 'auto' or e.g. 2GiB")
+    prefix_cache_bytes: str = _spec("PREFIX_CACHE_BYTES", "KV cache kept from finished requests for reuse by prompts that share a prefix: 'auto' (what the KV budget leaves free), 0 (off) or a size cap")
     max_body_bytes: int = _spec("MAX_BODY_BYTES", "largest request body", min=1024, max=1 << 30)
     metrics_require_key: bool = _spec("METRICS_REQUIRE_KEY", "whether /metrics needs the API key")
     log_prompts: bool = _spec("LOG_PROMPTS", "log prompt text (off: prompts never reach the logs)")
@@ -77,6 +78,13 @@ class Settings:
         if self.kv_cache_budget == "auto":
             return None
         return parse_size("KV_CACHE_BUDGET", self.kv_cache_budget)
+
+    @property
+    def prefix_cache_cap(self) -> int | None:
+        """None means 'auto': bounded only by the KV budget that running requests leave free."""
+        if self.prefix_cache_bytes == "auto":
+            return None
+        return parse_size("PREFIX_CACHE_BYTES", self.prefix_cache_bytes)
 
     def keys(self) -> tuple[str, ...]:
         """API keys from API_KEYS and API_KEYS_FILE (blank lines and # comments ignored)."""
@@ -127,6 +135,7 @@ DEFAULTS: dict[str, str] = {
     "QUEUE_TIMEOUT": "60",
     "DRAIN_TIMEOUT": "20",
     "KV_CACHE_BUDGET": "auto",
+    "PREFIX_CACHE_BYTES": "auto",
     "MAX_BODY_BYTES": str(8 * 1024 * 1024),
     "METRICS_REQUIRE_KEY": "false",
     "LOG_PROMPTS": "false",
@@ -195,7 +204,7 @@ def _check_consistency(s: Settings) -> None:
     if s.drain_timeout >= s.graceful_timeout:
         raise SettingsError(f"DRAIN_TIMEOUT={s.drain_timeout} must be below GRACEFUL_TIMEOUT={s.graceful_timeout}, "
                             f"so requests end cleanly before Gunicorn kills the worker")
-    s.kv_budget_bytes  # validates the size
+    s.kv_budget_bytes, s.prefix_cache_cap  # validates the sizes
     keys = s.keys()
     if not keys and not s.is_loopback and not s.allow_public_bind:
         raise SettingsError(f"HOST={s.host} is not a loopback address and API_KEYS is empty: anyone on the "

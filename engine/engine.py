@@ -43,6 +43,7 @@ class EngineStats:
 
     steps: int = 0
     prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0  # of prompt_tokens, served from the prefix cache
     generated_tokens: int = 0
     requests_finished: int = 0
     requests_failed: int = 0
@@ -119,6 +120,15 @@ class Engine:
     def fits_alone(self, max_length: int) -> bool:
         return self._scheduler.fits_alone(max_length)
 
+    def prefix_cache(self) -> dict:
+        """A snapshot of the prefix cache (plain ints written by the engine thread)."""
+        cache = getattr(self._generator, "prefix_cache", None)
+        if cache is None:
+            return {"enabled": False, "entries": 0, "bytes": 0}
+        st = cache.stats
+        return {"enabled": cache.capacity > 0, "entries": len(cache), "bytes": cache.nbytes,
+                "hits": st.hits, "misses": st.misses, "hit_tokens": st.hit_tokens, "evicted": st.evicted}
+
     @property
     def running(self) -> int:
         return len(self._scheduler.running)
@@ -190,14 +200,18 @@ class Engine:
         admitted = []
         for sequence in self._scheduler.admissions():
             try:
-                uid = self._generator.insert(sequence.request)
+                uid, cached = self._generator.insert(sequence.request)
             except Exception as exc:  # a bad request fails alone
                 admitted.append((sequence.request_id, _error(exc)))
                 continue
             self._scheduler.start(sequence, uid)
+            sequence.cached_tokens = cached
             self.stats.prompt_tokens += len(sequence.request.prompt_tokens)
-            admitted.append((sequence.request_id, Admitted()))
+            self.stats.cached_prompt_tokens += cached
+            admitted.append((sequence.request_id, Admitted(cached)))
         self._publish(admitted)
+        if self._scheduler.kv_budget is not None:  # the prefix cache lives in what running rows leave free
+            self._generator.limit_prefix_cache(self._scheduler.kv_budget - self._scheduler.reserved_bytes)
 
     def _step(self) -> None:
         try:
@@ -261,7 +275,8 @@ class Engine:
 
     def _finished(self, sequence: Sequence, reason: str) -> Finished:
         self.stats.requests_finished += 1
-        return Finished(reason, len(sequence.request.prompt_tokens), sequence.completion_tokens)
+        return Finished(reason, len(sequence.request.prompt_tokens), sequence.completion_tokens,
+                        cached_tokens=sequence.cached_tokens)
 
     def _fail_running(self, exc: Exception) -> None:
         """A failed step touched every running row: fail those, keep serving the rest."""

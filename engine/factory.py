@@ -8,6 +8,7 @@ from engine.engine import Engine
 from engine.model import LoadedModel
 
 log = logging.getLogger("orchard.engine")
+_UNBOUNDED = 1 << 62  # 'auto': the engine trims the prefix cache to what the KV budget leaves free
 
 
 def build_engine(settings: Settings) -> Engine:
@@ -43,7 +44,8 @@ def build_engine(settings: Settings) -> Engine:
 
         return Generator(model.model, model.eos_token_ids, max_batch=max_running,
                          prefill_batch_size=settings.prefill_batch_size,
-                         prefill_step_size=settings.prefill_step_size)
+                         prefill_step_size=settings.prefill_step_size,
+                         prefix_cache_bytes=_UNBOUNDED if settings.prefix_cache_cap is None else settings.prefix_cache_cap)
 
     engine = Engine(load, max_running=settings.max_concurrent_requests, generator_factory=make_generator,
                     preload=preload, kv_budget=settings.kv_budget_bytes)

@@ -9,8 +9,10 @@ from typing import Iterable, Optional
 
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, StopSequences
+from mlx_lm.models.cache import KVCache
 
 from engine.messages import AddRequest
+from engine.prefix_cache import PrefixCache
 from engine.sampling import SamplerFactory
 
 
@@ -25,7 +27,7 @@ class Generator:
     """Continuous batching over one model: insert, remove, step."""
 
     def __init__(self, model, eos_token_ids: Iterable[int], *, max_batch: int,
-                 prefill_batch_size: int, prefill_step_size: int):
+                 prefill_batch_size: int, prefill_step_size: int, prefix_cache_bytes: int = 0):
         self._eos = tuple(sorted(set(eos_token_ids)))
         self._stream = mx.new_stream(mx.default_device())
         self._batch = BatchGenerator(
@@ -38,19 +40,25 @@ class Generator:
         )
         self._samplers = SamplerFactory()
         self._stops: dict[tuple[int, ...], StopSequences] = {}
+        self.prefix_cache = PrefixCache(prefix_cache_bytes)
         self.active = 0
 
-    def insert(self, request: AddRequest) -> int:
+    def insert(self, request: AddRequest) -> tuple[int, int]:
+        """Queue a sequence; returns (uid, prompt tokens served from the prefix cache)."""
         params = request.sampling
+        prompt = request.prompt_tokens
+        layers, cached = self.prefix_cache.lookup(prompt)
         (uid,) = self._batch.insert(
-            [request.prompt_tokens],
+            [prompt[cached:]],
+            caches=[layers] if layers else None,
+            all_tokens=[prompt[:cached]],
             max_tokens=[request.max_tokens],
             samplers=[self._samplers.sampler(params)],
             logits_processors=[self._samplers.logits_processors(params, request.max_tokens)],
             stop_sequences=[self._stop_sequences(request.stop_token_ids, request.ignore_eos)],
         )
         self.active += 1
-        return uid
+        return uid, cached
 
     def remove(self, uid: int) -> None:
         self._batch.remove([uid])
@@ -60,8 +68,22 @@ class Generator:
         """One engine step: prefill some prompts and/or decode one token for every running row."""
         _, responses = self._batch.next()
         out = [StepToken(r.uid, r.token, r.finish_reason) for r in responses]
-        self.active -= sum(1 for t in out if t.finish_reason is not None)
+        finished = [r for r in responses if r.finish_reason is not None]
+        self.active -= len(finished)
+        if finished and self.prefix_cache.capacity > 0:
+            self._keep_prefixes(finished)
         return out
+
+    def limit_prefix_cache(self, limit: int) -> None:
+        """Shrink the prefix cache to what the KV budget leaves free (engine's decision)."""
+        self.prefix_cache.trim_to(limit)
+
+    def _keep_prefixes(self, finished) -> None:
+        kept = [r for r in finished if r.prompt_cache and all(type(c) is KVCache for c in r.prompt_cache)]
+        mx.eval([(c.keys, c.values) for r in kept for c in r.prompt_cache])  # own copies, not views of the batch
+        for r in kept:
+            length = r.prompt_cache[0].offset
+            self.prefix_cache.store(r.all_tokens[:length], r.prompt_cache, sum(c.nbytes for c in r.prompt_cache))
 
     @property
     def decoding(self) -> int:

@@ -54,6 +54,8 @@ class InjectFault:
 class Admitted:
     """The request left the queue and joined the batch."""
 
+    cached_tokens: int = 0  # prompt tokens taken from the prefix cache, not computed
+
 
 @dataclass
 class TokenDelta:
@@ -75,3 +77,4 @@ class Finished:
     completion_tokens: int = 0
     error: Optional[str] = None
     error_type: Optional[str] = None
+    cached_tokens: int = 0

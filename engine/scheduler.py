@@ -31,6 +31,7 @@ class Sequence:
     request: AddRequest
     uid: int = -1
     completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens the prefix cache supplied
 
     @property
     def request_id(self) -> str:

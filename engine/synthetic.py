@@ -22,11 +22,11 @@ class SyntheticGenerator:
         self._next_uid = 0
         self.active = 0
 
-    def insert(self, request: AddRequest) -> int:
+    def insert(self, request: AddRequest) -> tuple[int, int]:
         uid, self._next_uid = self._next_uid, self._next_uid + 1
         self._rows[uid] = [0, request.max_tokens]
         self.active += 1
-        return uid
+        return uid, 0
 
     def remove(self, uid: int) -> None:
         if self._rows.pop(uid, None) is not None:
@@ -51,6 +51,11 @@ class SyntheticGenerator:
     @property
     def kv_cache_bytes(self) -> int:
         return 0
+
+    prefix_cache = None
+
+    def limit_prefix_cache(self, limit: int) -> None:
+        pass
 
     def close(self) -> None:
         self._rows.clear()

@@ -42,6 +42,7 @@ HISTOGRAMS = {
 }
 COUNTERS = {
     "orchard:prompt_tokens_total",
+    "orchard:prompt_tokens_cached_total",
     "orchard:generation_tokens_total",
     "orchard:request_success_total",
     "orchard:http_requests_total",
@@ -52,6 +53,8 @@ GAUGES = {
     "orchard:request_queue_capacity",
     "orchard:batch_size",
     "orchard:kv_cache_bytes",
+    "orchard:prefix_cache_bytes",
+    "orchard:prefix_cache_entries",
     "orchard:mlx_active_memory_bytes",
     "orchard:mlx_peak_memory_bytes",
     "orchard:engine_up",
@@ -361,6 +364,9 @@ class _Anything:
         return _Anything()
 
     def __call__(self, *args, **kwargs):
+        return _Anything()
+
+    def __getitem__(self, key):
         return _Anything()
 
     def __float__(self):

@@ -98,3 +98,27 @@ def test_health_answers_fast_while_eight_streams_run(server, client):
             time.sleep(0.1)
         assert all(f.result() > 1 for f in futures)
     assert latencies and max(latencies) < 0.1, latencies
+
+
+def test_a_repeated_conversation_is_served_from_the_prefix_cache(server, client):
+    messages = [{"role": "system", "content": "You are the terse assistant of the Orchard prefix cache test."},
+                {"role": "user", "content": "Name one fruit."}]
+    first, second = (client.chat.completions.create(model="smollm2-135m-instruct", messages=messages,
+                                                    temperature=0, max_tokens=8) for _ in range(2))
+    assert second.choices[0].message.content == first.choices[0].message.content
+    assert first.usage.prompt_tokens_details.cached_tokens < 16  # at most the template's opening
+    assert second.usage.prompt_tokens_details.cached_tokens == second.usage.prompt_tokens - 1
+    # The next turn extends the first: the earlier turn (and the reply) come from the cache.
+    follow_up = messages + [{"role": "assistant", "content": first.choices[0].message.content},
+                            {"role": "user", "content": "And a vegetable?"}]
+    third = client.chat.completions.create(model="smollm2-135m-instruct", messages=follow_up,
+                                           temperature=0, max_tokens=4)
+    assert third.usage.prompt_tokens_details.cached_tokens >= second.usage.prompt_tokens - 1
+    status = requests.get(server.base_url + "/v1/system/status", timeout=5).json()
+    assert status["prefix_cache"]["hits"] >= 2 and status["prefix_cache"]["bytes"] > 0
+    assert status["tokens"]["prompt_cached"] >= second.usage.prompt_tokens_details.cached_tokens
+    metrics = requests.get(server.base_url + "/metrics", timeout=5).text
+    cached_total = next(float(line.split()[1]) for line in metrics.splitlines()
+                        if line.startswith("orchard:prompt_tokens_cached_total "))
+    assert cached_total >= second.usage.prompt_tokens_details.cached_tokens + \
+        third.usage.prompt_tokens_details.cached_tokens

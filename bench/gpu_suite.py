@@ -35,6 +35,21 @@ def wait_healthy(base: str, proc: subprocess.Popen, timeout: float = 600) -> Non
     raise RuntimeError("server not healthy in time")
 
 
+def status_of(base: str) -> dict:
+    with urllib.request.urlopen(base + "/v1/system/status") as r:
+        return json.loads(r.read())
+
+
+def engine_time_split(before: dict, after: dict) -> dict:
+    """Where the engine thread's time went between two status snapshots."""
+    keys = ("step_seconds", "prefill_seconds", "decode_seconds", "steps")
+    delta = {k: round(after["batch"][k] - before["batch"][k], 3) for k in keys}
+    delta["generated_tokens"] = after["tokens"]["generated"] - before["tokens"]["generated"]
+    delta["prompt_tokens"] = after["tokens"]["prompt"] - before["tokens"]["prompt"]
+    delta["prompt_cached"] = after["tokens"]["prompt_cached"] - before["tokens"]["prompt_cached"]
+    return delta
+
+
 def run_shape(shape: str, args, out: Path) -> dict:
     from engine.random_model import write_random_model
 
@@ -50,20 +65,25 @@ def run_shape(shape: str, args, out: Path) -> dict:
     base = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(base, proc)
-        bench = [sys.executable, "-m", "bench", "--url", base + "/v1", "--concurrency", args.levels,
-                 "--max-tokens", str(args.max_tokens), "--quiet"]
-        if args.requests:
-            bench += ["--requests-per-level", str(args.requests)]
-        subprocess.run(bench + ["--json", str(out / f"warm-{shape}.json")], cwd=ROOT, check=True,
-                       stdout=subprocess.DEVNULL)
+        def bench(levels: str, json_name: str) -> list[str]:
+            cmd = [sys.executable, "-m", "bench", "--url", base + "/v1", "--concurrency", levels,
+                   "--max-tokens", str(args.max_tokens), "--quiet", "--json", str(out / json_name)]
+            return cmd + (["--requests-per-level", str(args.requests)] if args.requests else [])
+
+        subprocess.run(bench(args.levels, f"warm-{shape}.json"), cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+        passes = []
         for n in range(args.passes):  # later passes show what shape compilation cost the first
             suffix = "" if n == 0 else f"-pass{n + 1}"
-            result = subprocess.run(bench + ["--json", str(out / f"orchard-{shape}{suffix}.json")], cwd=ROOT,
-                                    check=True, capture_output=True, text=True)
-            print(result.stdout, flush=True)
-        with urllib.request.urlopen(base + "/v1/system/status") as r:
-            status = json.loads(r.read())
-        return {"status": status}
+            levels = {}
+            for level in args.levels.split(","):  # one call per level, so engine timings split by level
+                before = status_of(base)
+                result = subprocess.run(bench(level, f"orchard-{shape}{suffix}-c{level}.json"),
+                                        cwd=ROOT, check=True, capture_output=True, text=True)
+                print(result.stdout, flush=True)
+                levels[level] = engine_time_split(before, status_of(base))
+            passes.append(levels)
+        status = status_of(base)
+        return {"status": status, "engine_time_by_level": passes}
     finally:
         proc.terminate()
         proc.wait(60)
@@ -71,7 +91,7 @@ def run_shape(shape: str, args, out: Path) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokenizer", type=Path, required=True)
+    parser.add_argument("--tokenizer", type=Path, help="tokenizer folder (default: a small built-in one)")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench-results")))
     parser.add_argument("--shapes", default="qwen2.5-0.5b")
     parser.add_argument("--levels", default="1,8,32,64,128")

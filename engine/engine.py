@@ -50,6 +50,9 @@ class EngineStats:
     max_batch_seen: int = 0
     current_batch: int = 0
     kv_cache_bytes: int = 0
+    step_seconds: float = 0.0  # wall time inside generator steps (the rest is loop overhead or idle)
+    prefill_seconds: float = 0.0  # of which mlx-lm processed prompts
+    decode_seconds: float = 0.0  # of which mlx-lm decoded
     mlx_active_bytes: int = 0
     mlx_peak_bytes: int = 0
     mlx_cache_bytes: int = 0
@@ -214,8 +217,10 @@ class Engine:
             self._generator.limit_prefix_cache(self._scheduler.kv_budget - self._scheduler.reserved_bytes)
 
     def _step(self) -> None:
+        started = time.perf_counter()  # measured only: no decision depends on it
         try:
             tokens = self._generator.step()
+            self.stats.step_seconds += time.perf_counter() - started
         except Exception as exc:
             log.error("engine step failed: %s\n%s", exc, traceback.format_exc())
             self._fail_running(exc)
@@ -240,6 +245,7 @@ class Engine:
         s.current_batch = n_tokens
         s.max_batch_seen = max(s.max_batch_seen, n_tokens)
         s.last_beat = time.monotonic()
+        s.prefill_seconds, s.decode_seconds = self._generator.phase_seconds
         if s.steps % 16 == 0:  # sizes walk every layer's cache: not on every step
             s.kv_cache_bytes = self._generator.kv_cache_bytes
             self._sample_memory()

@@ -86,6 +86,12 @@ class Generator:
             self.prefix_cache.store(r.all_tokens[:length], r.prompt_cache, sum(c.nbytes for c in r.prompt_cache))
 
     @property
+    def phase_seconds(self) -> tuple[float, float]:
+        """(prefill, decode) seconds spent inside mlx-lm's batch steps since start."""
+        counters = self._batch._counters
+        return counters.prompt_time, counters.decode_time
+
+    @property
     def decoding(self) -> int:
         return len(self._batch._generation_batch)
 

@@ -53,6 +53,7 @@ class SyntheticGenerator:
         return 0
 
     prefix_cache = None
+    phase_seconds = (0.0, 0.0)
 
     def limit_prefix_cache(self, limit: int) -> None:
         pass

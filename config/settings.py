@@ -43,6 +43,7 @@ class Settings:
     default_max_tokens: int = _spec("DEFAULT_MAX_TOKENS", "max_tokens when a request gives none", min=1, max=1_000_000)
     prefill_step_size: int = _spec("PREFILL_STEP_SIZE", "prompt tokens processed per engine step (smaller keeps decode smooth)", min=16, max=65536)
     prefill_batch_size: int = _spec("PREFILL_BATCH_SIZE", "prompts prefilled together", min=1, max=1024)
+    admission_wait_steps: int = _spec("ADMISSION_WAIT_STEPS", "engine steps a newcomer may wait for others to join the running batch with it (fewer extra forward passes); 0: join at once", min=0, max=1000)
     blas: str = _spec("ORCHARD_BLAS", "Linux CPU BLAS: 'auto' preloads OpenBLAS when installed, 'bundled' keeps MLX's own", choices=("auto", "bundled"))
     log_level: str = _spec("LOG_LEVEL", "logging level", choices=("debug", "info", "warning", "error"))
     allow_public_bind: bool = _spec("ALLOW_PUBLIC_BIND", "allow a non-loopback HOST without API keys")
@@ -125,6 +126,7 @@ DEFAULTS: dict[str, str] = {
     "DEFAULT_MAX_TOKENS": "512",
     "PREFILL_STEP_SIZE": "512",
     "PREFILL_BATCH_SIZE": "8",
+    "ADMISSION_WAIT_STEPS": "8",
     "ORCHARD_BLAS": "auto",
     "LOG_LEVEL": "info",
     "ALLOW_PUBLIC_BIND": "false",

@@ -64,13 +64,15 @@ class Engine:
 
     def __init__(self, loader: Callable[[], LoadedModel], *, max_running: int,
                  generator_factory: Callable[[LoadedModel, int], object],
-                 preload: Optional[Callable[[], None]] = None, kv_budget: Optional[int] = None):
+                 preload: Optional[Callable[[], None]] = None, kv_budget: Optional[int] = None,
+                 admission_group: int = 1, admission_wait_steps: int = 0):
         self._loader = loader
         self._preload = preload
         self._kv_budget_setting = kv_budget
         self._generator_factory = generator_factory
         self._inbox = _queue.SimpleQueue()
-        self._scheduler = Scheduler(max_running=max_running)
+        self._scheduler = Scheduler(max_running=max_running, group_size=admission_group,
+                                    max_wait_steps=admission_wait_steps)
         self._bridge: Optional[OutputBridge] = None
         self._generator = None
         self.model: Optional[LoadedModel] = None
@@ -235,6 +237,7 @@ class Engine:
             if t.finish_reason is not None:
                 self._scheduler.finish(t.uid)
                 finished.append((sequence.request_id, self._finished(sequence, t.finish_reason)))
+        self._scheduler.tick()
         self._record_step(len(tokens))
         self._publish([(rid, TokenDelta(ids)) for rid, ids in deltas.items()] + finished)
 

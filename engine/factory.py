@@ -48,5 +48,6 @@ def build_engine(settings: Settings) -> Engine:
                          prefix_cache_bytes=_UNBOUNDED if settings.prefix_cache_cap is None else settings.prefix_cache_cap)
 
     engine = Engine(load, max_running=settings.max_concurrent_requests, generator_factory=make_generator,
-                    preload=preload, kv_budget=settings.kv_budget_bytes)
+                    preload=preload, kv_budget=settings.kv_budget_bytes,
+                    admission_group=settings.prefill_batch_size, admission_wait_steps=settings.admission_wait_steps)
     return engine

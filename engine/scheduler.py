@@ -8,6 +8,16 @@ Memory: mlx-lm's batch KV cache pads every row to the longest one and grows in
 steps of 256 tokens, so the worst case of a batch is
 rows x round_up(max(prompt + max_tokens)) x bytes per token. A sequence joins
 only if that worst case stays within the KV budget; otherwise it waits.
+
+Grouping: every admission costs the running batch one extra forward pass (mlx-lm
+runs new rows' first step on its own, then concatenates them into the batch), about
+the price of a whole decode step. Under steady load, arrivals trickle in one or two
+per step, so admitting each at once would nearly double the passes. While a batch is
+running, newcomers therefore wait until a group has gathered (a quarter of the running
+rows, at most the prefill batch, at most the free slots) or the oldest has waited
+`max_wait_steps` steps, whichever comes first; an idle engine admits at once. This is
+text-generation-inference's `max_waiting_tokens` idea, counted in engine steps, not in
+time, so it stays deterministic.
 """
 from __future__ import annotations
 
@@ -30,6 +40,7 @@ class Sequence:
 
     request: AddRequest
     uid: int = -1
+    queued_at_step: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens the prefix cache supplied
 
@@ -47,11 +58,25 @@ class Scheduler:
     max_running: int
     kv_bytes_per_token: int = 0
     kv_budget: Optional[int] = None  # None: unbounded
+    group_size: int = 1  # the most newcomers worth gathering (the prefill batch size)
+    max_wait_steps: int = 0  # 0: admit as soon as there is room
+    steps: int = 0
     waiting: collections.deque = field(default_factory=collections.deque)
     running: dict = field(default_factory=dict)  # uid -> Sequence
 
     def add(self, request: AddRequest) -> None:
-        self.waiting.append(Sequence(request))
+        self.waiting.append(Sequence(request, queued_at_step=self.steps))
+
+    def tick(self) -> None:
+        """One engine step happened."""
+        self.steps += 1
+
+    def group_ready(self) -> bool:
+        if not self.running or not self.max_wait_steps:
+            return True
+        free = self.max_running - len(self.running)
+        target = max(1, min(self.group_size, free, len(self.running) // 4))
+        return len(self.waiting) >= target or self.steps - self.waiting[0].queued_at_step >= self.max_wait_steps
 
     def batch_bytes(self, rows: int, longest: int) -> int:
         return rows * round_up(longest) * self.kv_bytes_per_token
@@ -67,6 +92,8 @@ class Scheduler:
     def admissions(self) -> list[Sequence]:
         """Waiting sequences that may start now, oldest first (no overtaking)."""
         admitted = []
+        if not self.waiting or not self.group_ready():
+            return admitted
         rows = len(self.running)
         longest = max((s.max_length for s in self.running.values()), default=0)
         while self.waiting and rows < self.max_running:

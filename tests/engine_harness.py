@@ -1,14 +1,31 @@
 """Run an Engine in-process for tests: greenlets submit, the native engine thread computes."""
 from __future__ import annotations
 
+import contextlib
 import itertools
 
 import gevent
+
+from config import load_settings
 
 from engine.engine import Engine, EngineState
 from engine.messages import AddRequest, Finished, TokenDelta
 
 _ids = itertools.count()
+
+
+@contextlib.contextmanager
+def running_engine(**settings):
+    """A started, loaded engine built from these settings (env-style names); shut down after."""
+    from engine.factory import build_engine
+
+    engine = build_engine(load_settings({k: str(v) for k, v in settings.items()}, dotenv=False))
+    engine.start()
+    try:
+        wait_ready(engine)
+        yield engine
+    finally:
+        engine.shutdown()
 
 
 def wait_ready(engine: Engine, timeout: float = 120) -> None:

@@ -4,23 +4,17 @@ from __future__ import annotations
 import gevent
 import pytest
 
-from config import load_settings
-from engine.factory import build_engine
 from engine.messages import AddRequest
 from engine.sampling import SamplingParams
-from tests.engine_harness import run, run_many, wait_ready
+from tests.engine_harness import run, run_many, running_engine
 
 GREEDY = SamplingParams(temperature=0.0)
 
 
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir):
-    settings = load_settings({"MODEL": str(tiny_model_dir), "MAX_CONCURRENT_REQUESTS": "8"}, dotenv=False)
-    engine = build_engine(settings)
-    engine.start()
-    wait_ready(engine)
-    yield engine
-    engine.shutdown()
+    with running_engine(MODEL=tiny_model_dir, MAX_CONCURRENT_REQUESTS=8) as engine:
+        yield engine
 
 
 @pytest.fixture(scope="module")

@@ -5,11 +5,9 @@ import mlx.core as mx
 import pytest
 from mlx_lm.models.cache import KVCache
 
-from config import load_settings
-from engine.factory import build_engine
 from engine.prefix_cache import BLOCK, PrefixCache, block_hashes
 from engine.sampling import SamplingParams
-from tests.engine_harness import run, run_many, wait_ready
+from tests.engine_harness import run, run_many, running_engine
 
 GREEDY = SamplingParams(temperature=0.0)
 
@@ -95,12 +93,8 @@ def test_block_hashes_are_chained_and_deterministic():
 
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir):
-    settings = load_settings({"MODEL": str(tiny_model_dir), "MAX_CONCURRENT_REQUESTS": "8"}, dotenv=False)
-    engine = build_engine(settings)
-    engine.start()
-    wait_ready(engine)
-    yield engine
-    engine.shutdown()
+    with running_engine(MODEL=tiny_model_dir, MAX_CONCURRENT_REQUESTS=8) as engine:
+        yield engine
 
 
 def test_engine_reuses_a_prompt_and_output_is_unchanged(engine):
@@ -126,29 +120,17 @@ def test_engine_reuses_a_prompt_and_output_is_unchanged(engine):
 
 
 def test_engine_keeps_the_prefix_cache_inside_the_kv_budget(tiny_model_dir):
-    settings = load_settings({"MODEL": str(tiny_model_dir), "KV_CACHE_BUDGET": "128KiB"}, dotenv=False)
-    engine = build_engine(settings)
-    engine.start()
-    wait_ready(engine)
-    try:
+    with running_engine(MODEL=tiny_model_dir, KV_CACHE_BUDGET="128KiB") as engine:
         for i in range(12):
             run(engine, [i] * 40 + list(range(60)), 8, sampling=GREEDY, ignore_eos=True)
         snapshot = engine.prefix_cache()
         assert 0 < snapshot["bytes"] <= 128 << 10 and snapshot["evicted"] > 0  # 27 KiB an entry
-    finally:
-        engine.shutdown()
 
 
 def test_prefix_cache_off(tiny_model_dir):
-    settings = load_settings({"MODEL": str(tiny_model_dir), "PREFIX_CACHE_BYTES": "0"}, dotenv=False)
-    engine = build_engine(settings)
-    engine.start()
-    wait_ready(engine)
-    try:
+    with running_engine(MODEL=tiny_model_dir, PREFIX_CACHE_BYTES=0) as engine:
         prompt = list(range(100, 150))
         runs = [run(engine, prompt, 6, sampling=GREEDY, ignore_eos=True) for _ in range(2)]
         assert runs[0][0] == runs[1][0] and runs[1][1].cached_tokens == 0
         assert engine.prefix_cache() == {"enabled": False, "entries": 0, "bytes": 0, "hits": 0, "misses": 2,
                                          "hit_tokens": 0, "evicted": 0}
-    finally:
-        engine.shutdown()

@@ -35,6 +35,7 @@ class Prepared:
     request: ChatCompletionRequest
     request_id: str = ""
     prompt_text: Optional[str] = None  # only when LOG_PROMPTS is on
+    cache_scope: str = ""  # the API key's id when keys are on: tenants never share cached prompts
 
 
 class Exchange:
@@ -49,7 +50,7 @@ class Exchange:
         self.timer = service.metrics.timer()
         self.stream = self._engine.submit(AddRequest(
             p.completion_id, p.prompt_tokens, p.max_tokens, p.request.sampling_params(),
-            ignore_eos=p.request.ignore_eos))
+            ignore_eos=p.request.ignore_eos, cache_scope=p.cache_scope))
         self.text = TextAssembler(Detokenizer(service.text.hf_tokenizer, service.text.table),
                                   p.request.stop_strings)
         self._watcher = disconnect.watch(environ, self.abort)
@@ -115,6 +116,7 @@ class ChatService:
         self._limiter = limiter
         self.text = text_tools  # app.model_text.ModelText
         self.metrics = metrics
+        self._keys_on = bool(settings.keys())  # then a client is a key id, and scopes the prefix cache
 
     @property
     def model(self):
@@ -135,7 +137,7 @@ class ChatService:
             self._limiter.charge(client, len(prompt) + max_tokens)
         text = repr(messages) if self._settings.log_prompts else None
         return Prepared(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), prompt, max_tokens, request,
-                        request_id, text)
+                        request_id, text, cache_scope=client if self._keys_on else "")
 
     def _check_memory(self, max_length: int) -> None:
         if not self.engine.fits_alone(max_length):

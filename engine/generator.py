@@ -41,13 +41,14 @@ class Generator:
         self._samplers = SamplerFactory()
         self._stops: dict[tuple[int, ...], StopSequences] = {}
         self.prefix_cache = PrefixCache(prefix_cache_bytes)
+        self._scopes: dict[int, str] = {}  # uid -> prefix-cache scope of sequences that have one
         self.active = 0
 
     def insert(self, request: AddRequest) -> tuple[int, int]:
         """Queue a sequence; returns (uid, prompt tokens served from the prefix cache)."""
         params = request.sampling
         prompt = request.prompt_tokens
-        layers, cached = self.prefix_cache.lookup(prompt)
+        layers, cached = self.prefix_cache.lookup(prompt, request.cache_scope)
         (uid,) = self._batch.insert(
             [prompt[cached:]],
             caches=[layers] if layers else None,
@@ -57,11 +58,14 @@ class Generator:
             logits_processors=[self._samplers.logits_processors(params, request.max_tokens)],
             stop_sequences=[self._stop_sequences(request.stop_token_ids, request.ignore_eos)],
         )
+        if request.cache_scope:
+            self._scopes[uid] = request.cache_scope
         self.active += 1
         return uid, cached
 
     def remove(self, uid: int) -> None:
         self._batch.remove([uid])
+        self._scopes.pop(uid, None)
         self.active -= 1
 
     def step(self) -> list[StepToken]:
@@ -70,20 +74,23 @@ class Generator:
         out = [StepToken(r.uid, r.token, r.finish_reason) for r in responses]
         finished = [r for r in responses if r.finish_reason is not None]
         self.active -= len(finished)
+        scopes = [self._scopes.pop(r.uid, "") for r in finished]
         if finished and self.prefix_cache.capacity > 0:
-            self._keep_prefixes(finished)
+            self._keep_prefixes(finished, scopes)
         return out
 
     def limit_prefix_cache(self, limit: int) -> None:
         """Shrink the prefix cache to what the KV budget leaves free (engine's decision)."""
         self.prefix_cache.trim_to(limit)
 
-    def _keep_prefixes(self, finished) -> None:
-        kept = [r for r in finished if r.prompt_cache and all(type(c) is KVCache for c in r.prompt_cache)]
-        mx.eval([(c.keys, c.values) for r in kept for c in r.prompt_cache])  # own copies, not views of the batch
-        for r in kept:
+    def _keep_prefixes(self, finished, scopes: list[str]) -> None:
+        kept = [(r, scope) for r, scope in zip(finished, scopes)
+                if r.prompt_cache and all(type(c) is KVCache for c in r.prompt_cache)]
+        mx.eval([(c.keys, c.values) for r, _ in kept for c in r.prompt_cache])  # own copies, not batch views
+        for r, scope in kept:
             length = r.prompt_cache[0].offset
-            self.prefix_cache.store(r.all_tokens[:length], r.prompt_cache, sum(c.nbytes for c in r.prompt_cache))
+            self.prefix_cache.store(r.all_tokens[:length], r.prompt_cache, sum(c.nbytes for c in r.prompt_cache),
+                                    scope)
 
     @property
     def phase_seconds(self) -> tuple[float, float]:

@@ -22,6 +22,8 @@ class AddRequest:
     stop_token_ids: tuple[int, ...] = ()
     # Generate through EOS (benchmarks that need fixed work per request).
     ignore_eos: bool = False
+    # Prefix-cache partition: requests only reuse state left by requests of the same scope.
+    cache_scope: str = ""
 
 
 @dataclass(frozen=True)

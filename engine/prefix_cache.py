@@ -15,6 +15,7 @@ of int tuples are the same in every process), so all ranks of a group decide ali
 from __future__ import annotations
 
 import collections
+import zlib
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -23,9 +24,10 @@ import numpy as np
 BLOCK = 16  # tokens per hashed block; shorter shared prefixes are not worth a lookup
 
 
-def block_hashes(tokens: Sequence[int]) -> list[int]:
-    """Chained hash of every whole block: hashes[k] identifies tokens[: (k + 1) * BLOCK]."""
-    hashes, h = [], 0
+def block_hashes(tokens: Sequence[int], scope: str = "") -> list[int]:
+    """Chained hash of every whole block: hashes[k] identifies tokens[: (k + 1) * BLOCK] within
+    `scope` (entries of one scope never match prompts of another)."""
+    hashes, h = [], zlib.crc32(scope.encode())  # str hash() differs per process; crc32 does not
     for start in range(0, len(tokens) - BLOCK + 1, BLOCK):
         h = hash((h, tuple(tokens[start:start + BLOCK])))
         hashes.append(h)
@@ -69,12 +71,12 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self._lru)
 
-    def lookup(self, prompt: Sequence[int]) -> tuple[Optional[list], int]:
+    def lookup(self, prompt: Sequence[int], scope: str = "") -> tuple[Optional[list], int]:
         """(layers to start from, tokens they cover), or (None, 0) on a miss.
 
         At least the last prompt token is always left to compute: it yields the first logits.
         """
-        entry = self._deepest_match(block_hashes(prompt))
+        entry = self._deepest_match(block_hashes(prompt, scope))
         if entry is None:
             self.stats.misses += 1
             return None, 0
@@ -87,11 +89,11 @@ class PrefixCache:
         self.stats.hit_tokens += usable
         return [_trimmed(layer, usable) for layer in entry.layers], usable
 
-    def store(self, tokens: Sequence[int], layers: list, nbytes: int) -> None:
+    def store(self, tokens: Sequence[int], layers: list, nbytes: int, scope: str = "") -> None:
         """Keep a finished sequence's state; entries that are prefixes of it become redundant."""
         if self.capacity <= 0 or len(tokens) < BLOCK or nbytes > self.capacity:
             return
-        hashes = block_hashes(tokens)
+        hashes = block_hashes(tokens, scope)
         entry = Entry(np.asarray(tokens), layers, nbytes, hashes)
         for h in hashes:
             for old in list(self._by_last_block.get(h, {}).values()):

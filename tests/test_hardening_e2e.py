@@ -266,7 +266,9 @@ def test_sigterm_refuses_new_work_finishes_in_flight_and_exits_zero(tiny_server_
         streams = [pool.submit(lambda: requests.post(server.base_url + "/v1/chat/completions", timeout=60,
                                                      json=body(max_tokens=600, ignore_eos=True)).json())
                    for _ in range(3)]
-        time.sleep(0.5)
+        deadline = time.monotonic() + 20  # all three in flight (a loaded machine may take a while)
+        while status_of(server)["requests"]["running"] < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
         server.proc.send_signal(signal.SIGTERM)
         time.sleep(0.2)
         try:

@@ -134,3 +134,30 @@ def test_prefix_cache_off(tiny_model_dir):
         assert runs[0][0] == runs[1][0] and runs[1][1].cached_tokens == 0
         assert engine.prefix_cache() == {"enabled": False, "entries": 0, "bytes": 0, "hits": 0, "misses": 2,
                                          "hit_tokens": 0, "evicted": 0}
+
+
+def test_unit_scopes_never_share():
+    cache = PrefixCache(capacity=10_000)
+    tokens = list(range(40))
+    cache.store(tokens, layers_for(tokens), 100, scope="key-a")
+    assert cache.lookup(tokens, scope="key-b") == (None, 0)
+    assert cache.lookup(tokens) == (None, 0)
+    assert cache.lookup(tokens, scope="key-a")[1] == 39
+
+
+def test_api_keys_each_get_their_own_prefix_cache(tiny_server_factory):
+    """With API keys on, a tenant's cached prompts (visible in usage.cached_tokens and TTFT)
+    never serve another tenant, so neither can probe what the other asked."""
+    server = tiny_server_factory(API_KEYS="tenant-a,tenant-b")
+    messages = [{"role": "user", "content": "The capital of France is Paris. " * 6}]
+
+    def cached(key: str) -> tuple[int, int]:
+        reply = server.client(api_key=key).chat.completions.create(model="tiny", messages=messages,
+                                                                   max_tokens=3, temperature=0)
+        return reply.usage.prompt_tokens_details.cached_tokens, reply.usage.prompt_tokens
+
+    assert cached("tenant-a")[0] == 0
+    hit, prompt_tokens = cached("tenant-a")
+    assert prompt_tokens > 32 and hit == prompt_tokens - 1
+    assert cached("tenant-b")[0] == 0  # the same prompt, another key: computed afresh
+    assert cached("tenant-b")[0] == prompt_tokens - 1

@@ -1,6 +1,7 @@
 """The served model's text side: chat template, tokenizer, detokenizer table.
 
-Used on request greenlets; built once when the engine reports the model loaded.
+Used on request greenlets; built once when the engine reports the model loaded (the
+engine thread has already built the detokenizer table then).
 Chat templates come only from the model's own files and render in the sandboxed
 Jinja environment that transformers uses; no request can supply one.
 """
@@ -15,7 +16,7 @@ class ModelText:
     def __init__(self, model: LoadedModel):
         self.wrapper = model.tokenizer
         self.hf_tokenizer = getattr(model.tokenizer, "_tokenizer", model.tokenizer)
-        self.table = TokenTable.build(self.hf_tokenizer)
+        self.table = model.token_table if model.token_table_ready else TokenTable.build(self.hf_tokenizer)
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
         try:

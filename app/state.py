@@ -77,11 +77,8 @@ class Orchard:
             raise APIError(503, why, type="server_error", code="engine_unavailable",
                            headers={"Retry-After": "5"})
         if self._chat is None:
-            # Building the detokenizer table walks the whole vocabulary (a few hundred ms of
-            # Python): a native thread does it, so the event loop keeps serving meanwhile.
-            text = gevent.get_hub().threadpool.apply(ModelText, (self.engine.model,))
-            if self._chat is None:
-                self._chat = ChatService(self.engine, self.settings, text, self.metrics, self.limiter)
+            self._chat = ChatService(self.engine, self.settings, ModelText(self.engine.model), self.metrics,
+                                     self.limiter)
         return self._chat
 
     def refuse_if_draining(self) -> None:

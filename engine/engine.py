@@ -145,7 +145,9 @@ class Engine:
     # ---- engine thread ----------------------------------------------------
     def _run(self) -> None:
         try:
-            self.model = self._loader()
+            model = self._loader()
+            model.build_token_table()
+            self.model = model
             self._configure_memory()
             self._generator = self._generator_factory(self.model, self._scheduler.max_running)
             self._sample_memory()

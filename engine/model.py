@@ -18,6 +18,16 @@ class LoadedModel:
     weight_bytes: int = 0
     dtype: str = ""
     created: int = 0
+    # The detokenizer's byte table (None when the tokenizer is not byte-level BPE), built on the
+    # engine thread at load time: it walks the whole vocabulary, too slow for the event loop.
+    token_table: Any = None
+    token_table_ready: bool = False
+
+    def build_token_table(self) -> None:
+        from engine.detokenizer import TokenTable
+
+        self.token_table = TokenTable.build(getattr(self.tokenizer, "_tokenizer", self.tokenizer))
+        self.token_table_ready = True
 
 
 def context_length_of(config: dict) -> int:

@@ -217,7 +217,13 @@ class Engine:
             self.stats.cached_prompt_tokens += cached
             admitted.append((sequence.request_id, Admitted(cached)))
         self._publish(admitted)
-        if self._scheduler.kv_budget is not None:  # the prefix cache lives in what running rows leave free
+        if admitted:
+            self._fit_prefix_cache()
+
+    def _fit_prefix_cache(self) -> None:
+        """The prefix cache lives in what running rows' reservations leave of the KV budget; both
+        change only when sequences join or finish, so this runs then, not on every step."""
+        if self._scheduler.kv_budget is not None:
             self._generator.limit_prefix_cache(self._scheduler.kv_budget - self._scheduler.reserved_bytes)
 
     def _step(self) -> None:
@@ -240,6 +246,8 @@ class Engine:
                 self._scheduler.finish(t.uid)
                 finished.append((sequence.request_id, self._finished(sequence, t.finish_reason)))
         self._scheduler.tick()
+        if finished:  # they left their state in the prefix cache and freed their reservations
+            self._fit_prefix_cache()
         self._record_step(len(tokens))
         self._publish([(rid, TokenDelta(ids)) for rid, ids in deltas.items()] + finished)
 

@@ -7,7 +7,7 @@ a repeated system prompt, a chat's earlier turns, an agent's growing transcript.
 Lookups go by chained hashes of fixed-size token blocks, then the chosen entry is checked
 token by token, so a lookup costs about one dict probe per block, not a scan of entries.
 Entries are evicted least recently used first, to stay within a byte limit the engine sets
-each step from its own state. Only plain `KVCache` layers (trimmable) are cached.
+whenever sequences join or finish, from its own state. Only plain `KVCache` layers (trimmable) are cached.
 
 Engine thread only. Every decision depends on token ids and call order alone (Python hashes
 of int tuples are the same in every process), so all ranks of a group decide alike.

@@ -78,3 +78,27 @@ def test_a_failing_step_fails_only_its_requests_and_the_engine_serves_on(engine,
     tokens, finished = run(engine, prompts[0], 4, sampling=GREEDY, ignore_eos=True)
     assert (finished.finish_reason, len(tokens)) == ("length", 4)
     assert engine.stats.requests_failed >= 1
+
+
+def test_a_newcomer_waits_for_company_while_a_batch_runs(tiny_model_dir, prompts):
+    """ADMISSION_WAIT_STEPS: with free slots, a lone newcomer is held over engine steps (so
+    newcomers join together), then admitted; with nothing running it is admitted at once."""
+    with running_engine(MODEL=tiny_model_dir, MAX_CONCURRENT_REQUESTS=16, ADMISSION_WAIT_STEPS=40) as engine:
+        scheduler = engine._scheduler
+        long_runs = [gevent.spawn(run, engine, p, 400, sampling=GREEDY, ignore_eos=True) for p in prompts]
+        with gevent.Timeout(60):
+            while engine.running < len(prompts):
+                gevent.sleep(0.005)
+        held_over_a_step = False
+        newcomer = gevent.spawn(run, engine, prompts[0], 4, sampling=GREEDY, ignore_eos=True)
+        with gevent.Timeout(60):
+            while not newcomer.dead:
+                waiting = list(scheduler.waiting)
+                if waiting and waiting[0].queued_at_step < scheduler.steps:
+                    held_over_a_step = True  # still waiting after a step although slots were free
+                gevent.sleep(0.001)
+        assert held_over_a_step and newcomer.value[1].finish_reason == "length"
+        gevent.joinall(long_runs, raise_error=True)
+        started = scheduler.steps
+        assert run(engine, prompts[1], 2, sampling=GREEDY, ignore_eos=True)[1].finish_reason == "length"
+        assert scheduler.steps - started <= 6  # idle engine: its own few steps, not a 40-step wait

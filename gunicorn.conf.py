@@ -59,4 +59,4 @@ def worker_exit(server, worker):
     """Stop the engine thread before the interpreter exits (MLX must not be torn down mid-step)."""
     orchard = getattr(worker, "wsgi", None) and worker.wsgi.extensions.get("orchard")
     if orchard is not None:
-        orchard.stop_engine()
+        orchard.finish()

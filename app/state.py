@@ -38,6 +38,7 @@ class Orchard:
         self.metrics = Metrics(engine, settings)
         self.limiter = RateLimiter(settings.rate_limit, settings.token_rate_limit)
         self.draining = False
+        self._drainer = None  # the greenlet running _drain, once SIGTERM arrived
         self._chat: Optional[ChatService] = None
 
     @classmethod
@@ -94,7 +95,7 @@ class Orchard:
             return
         self.draining = True
         log.info("draining: %d running, %d waiting", self.engine.running, self.engine.waiting)
-        gevent.spawn(self._drain)
+        self._drainer = gevent.spawn(self._drain)
 
     def _drain(self) -> None:
         deadline = time.monotonic() + self.settings.drain_timeout
@@ -105,6 +106,13 @@ class Orchard:
             self.engine.abort_all("abort")
         self.stop_engine()
         log.info("drained; engine %s", self.engine.state.value)
+
+    def finish(self, timeout: float = 5.0) -> None:
+        """Worker exit: let a drain that is under way finish (its requests are done once
+        Gunicorn exits; the drain notices within a poll), then make sure the engine stopped."""
+        if self._drainer is not None:
+            self._drainer.join(timeout)
+        self.stop_engine(timeout)
 
     def stop_engine(self, timeout: float = 5.0) -> None:
         """Ask the engine thread to finish its step and stop; wait for it."""

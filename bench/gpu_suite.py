@@ -40,6 +40,28 @@ def status_of(base: str) -> dict:
         return json.loads(r.read())
 
 
+def metric_sums(base: str) -> dict:
+    """Sum and count of the server's latency histograms (Prometheus text format)."""
+    with urllib.request.urlopen(base + "/metrics") as r:
+        text = r.read().decode()
+    sums = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name.endswith(("_seconds_sum", "_seconds_count")) and "{" not in name:
+            sums[name.removeprefix("orchard:")] = float(value)
+    return sums
+
+
+def server_latency_split(before: dict, after: dict) -> dict:
+    """Mean queue time and TTFT as the server saw them (arrival in the route to first token delivered)."""
+    means = {}
+    for metric in ("request_queue_time", "time_to_first_token"):
+        count = after.get(f"{metric}_seconds_count", 0) - before.get(f"{metric}_seconds_count", 0)
+        total = after.get(f"{metric}_seconds_sum", 0) - before.get(f"{metric}_seconds_sum", 0)
+        means[f"server_{metric}_mean_s"] = round(total / count, 4) if count else None
+    return means
+
+
 def engine_time_split(before: dict, after: dict) -> dict:
     """Where the engine thread's time went between two status snapshots."""
     keys = ("step_seconds", "prefill_seconds", "decode_seconds", "steps")
@@ -76,11 +98,12 @@ def run_shape(shape: str, args, out: Path) -> dict:
             suffix = "" if n == 0 else f"-pass{n + 1}"
             levels = {}
             for level in args.levels.split(","):  # one call per level, so engine timings split by level
-                before = status_of(base)
+                before, before_metrics = status_of(base), metric_sums(base)
                 result = subprocess.run(bench(level, f"orchard-{shape}{suffix}-c{level}.json"),
                                         cwd=ROOT, check=True, capture_output=True, text=True)
                 print(result.stdout, flush=True)
-                levels[level] = engine_time_split(before, status_of(base))
+                levels[level] = {**engine_time_split(before, status_of(base)),
+                                 **server_latency_split(before_metrics, metric_sums(base))}
             passes.append(levels)
         status = status_of(base)
         return {"status": status, "engine_time_by_level": passes}

@@ -86,7 +86,9 @@ class Generator:
     def _keep_prefixes(self, finished, scopes: list[str]) -> None:
         kept = [(r, scope) for r, scope in zip(finished, scopes)
                 if r.prompt_cache and all(type(c) is KVCache for c in r.prompt_cache)]
-        mx.eval([(c.keys, c.values) for r, _ in kept for c in r.prompt_cache])  # own copies, not batch views
+        # Own copies, not views of the batch's arrays: scheduled now, without waiting for them,
+        # so a finishing row does not stall the step already queued on the device.
+        mx.async_eval([(c.keys, c.values) for r, _ in kept for c in r.prompt_cache])
         for r, scope in kept:
             length = r.prompt_cache[0].offset
             self.prefix_cache.store(r.all_tokens[:length], r.prompt_cache, sum(c.nbytes for c in r.prompt_cache),

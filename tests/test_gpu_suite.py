@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from bench.timeline import occupancy, summarize
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -22,4 +24,21 @@ def test_gpu_suite_runs_and_splits_engine_time_by_level(tmp_path):
     for level in by_level.values():
         assert level["generated_tokens"] >= 2 * 4 and level["steps"] >= 4
         assert level["step_seconds"] > 0 and level["prompt_tokens"] > 0
+        assert 0 < level["server_request_queue_time_mean_s"] <= level["server_time_to_first_token_mean_s"]
     assert (out / "orchard-tiny-c2.json").exists() and summary["status"]["engine"]["state"] == "ready"
+
+    # The occupancy timeline reads the same real bench output.
+    level = json.loads((out / "orchard-tiny-c2.json").read_text())["levels"][0]
+    occupancy = summarize(level, bucket_s=0.01)
+    assert 0 < occupancy["mean_decoding"] <= occupancy["mean_in_flight"] <= 2
+    assert max(decoding for _, _, decoding in occupancy["timeline"]) >= 1
+
+
+def test_timeline_counts_requests_waiting_for_their_first_token():
+    records = [{"ok": True, "start": 0.0, "ttft": 0.5, "e2e": 2.0},   # waits 0.5 s, decodes to 2.0
+               {"ok": True, "start": 1.0, "ttft": 0.1, "e2e": 0.5},   # decodes 1.1 .. 1.5
+               {"ok": False, "start": 0.0, "ttft": None, "e2e": None}]
+    rows = dict((t, (f, d)) for t, f, d in occupancy([r for r in records], wall_s=2.0, bucket_s=0.25))
+    assert rows[0.25] == (1, 0)      # in flight, no token yet
+    assert rows[1.25] == (2, 2)
+    assert rows[1.75] == (1, 1)

@@ -43,7 +43,7 @@ def prompts(batch: int) -> list[list[int]]:
 def batch_generator(model, batch: int) -> tuple[float, float]:
     from mlx_lm.generate import BatchGenerator
 
-    generator = BatchGenerator(model, max_tokens=64, completion_batch_size=32, prefill_batch_size=8,
+    generator = BatchGenerator(model, max_tokens=64, completion_batch_size=max(32, batch), prefill_batch_size=8,
                                stop_tokens=[])
     started = time.perf_counter()
     generator.insert(prompts(batch))
@@ -78,7 +78,8 @@ def engine(model_dir: str, batch: int) -> float:
     from engine.engine import EngineState
     from engine.factory import build_engine
 
-    built = build_engine(load_settings({"MODEL": model_dir, "MAX_CONCURRENT_REQUESTS": "32"}, dotenv=False))
+    built = build_engine(load_settings({"MODEL": model_dir, "MAX_CONCURRENT_REQUESTS": str(max(32, batch))},
+                                       dotenv=False))
     built.start()
     while built.state is EngineState.LOADING:
         gevent.sleep(0.05)

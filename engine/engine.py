@@ -100,6 +100,10 @@ class Engine:
     def submit(self, request: AddRequest) -> RequestStream:
         stream = self._bridge.open(request.request_id)
         self._inbox.put(request)
+        if self.state in (EngineState.FAILED, EngineState.STOPPED):
+            # The loop is gone (it sets its state before it empties the inbox one last time),
+            # so nothing would ever answer: end the request here. A duplicate end is dropped.
+            self._bridge.post([(request.request_id, _gone(self.error or "the engine has stopped"))])
         return stream
 
     def abort(self, request_id: str, reason: str = "abort") -> None:
@@ -164,11 +168,13 @@ class Engine:
                 if self._scheduler.running:
                     self._step()
             self.state = EngineState.STOPPED
+            self._end_inbox("the server is shutting down")
         except BaseException as exc:
             self.error = f"engine loop died: {exc!r}"
             self.state = EngineState.FAILED
             log.critical("%s\n%s", self.error, traceback.format_exc())
             self._fail_all(self.error)
+            self._end_inbox(self.error)
 
     def _configure_memory(self) -> None:
         from engine import memory
@@ -275,8 +281,11 @@ class Engine:
         if where == "waiting":
             self._scheduler.drop_waiting(sequence)
         elif where == "running":
-            self._generator.remove(sequence.uid)
+            # Aborts come from the web layer: a stop string matched or the client left. Once it
+            # has generated, its state (prompt and answer so far) is worth a prefix-cache entry.
+            self._generator.remove(sequence.uid, keep_prefix=sequence.completion_tokens > 0)
             self._scheduler.finish(sequence.uid)
+            self._fit_prefix_cache()
         else:
             return
         self._publish([(sequence.request_id, self._finished(sequence, message.reason))])
@@ -320,9 +329,25 @@ class Engine:
         if ended and self._bridge is not None:
             self._publish(ended)
 
+    def _end_inbox(self, why: str) -> None:
+        """The loop has ended: every request still in the inbox gets its end marker."""
+        ended = []
+        while True:
+            try:
+                message = self._inbox.get_nowait()
+            except _queue.Empty:
+                break
+            if isinstance(message, AddRequest):
+                ended.append((message.request_id, _gone(why)))
+        self._publish(ended)
+
     def _publish(self, items: list) -> None:
         if items:
             self._bridge.post(items)
+
+
+def _gone(why: str) -> Finished:
+    return Finished("error", error=why, error_type="server_error")
 
 
 def _error(exc: Exception) -> Finished:

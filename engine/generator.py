@@ -63,10 +63,17 @@ class Generator:
         self.active += 1
         return uid, cached
 
-    def remove(self, uid: int) -> None:
-        self._batch.remove([uid])
-        self._scopes.pop(uid, None)
+    def remove(self, uid: int, keep_prefix: bool = False) -> None:
+        """Take a sequence out of the batch. `keep_prefix`: it ended well, only not by the model
+        (a stop string, a client that left), so its KV state joins the prefix cache like a
+        finished one's: an agent's next call, or a retry, starts from it."""
+        scope = self._scopes.pop(uid, "")
+        keep = keep_prefix and self.prefix_cache.capacity > 0
+        left = self._batch.remove([uid], return_prompt_caches=keep)
         self.active -= 1
+        if uid in left:
+            layers, tokens = left[uid]
+            self._keep([(tokens, layers, scope)])
 
     def step(self) -> list[StepToken]:
         """One engine step: prefill some prompts and/or decode one token for every running row."""
@@ -84,15 +91,18 @@ class Generator:
         self.prefix_cache.trim_to(limit)
 
     def _keep_prefixes(self, finished, scopes: list[str]) -> None:
-        kept = [(r, scope) for r, scope in zip(finished, scopes)
-                if r.prompt_cache and all(type(c) is KVCache for c in r.prompt_cache)]
+        self._keep([(r.all_tokens, r.prompt_cache, scope) for r, scope in zip(finished, scopes)])
+
+    def _keep(self, sequences: list[tuple[list[int], list, str]]) -> None:
+        """Store (tokens, per-layer caches, scope) of sequences that left the batch."""
+        kept = [(tokens, layers, scope) for tokens, layers, scope in sequences
+                if layers and all(type(c) is KVCache and c.keys is not None for c in layers)]
         # Own copies, not views of the batch's arrays: scheduled now, without waiting for them,
         # so a finishing row does not stall the step already queued on the device.
-        mx.async_eval([(c.keys, c.values) for r, _ in kept for c in r.prompt_cache])
-        for r, scope in kept:
-            length = r.prompt_cache[0].offset
-            self.prefix_cache.store(r.all_tokens[:length], r.prompt_cache, sum(c.nbytes for c in r.prompt_cache),
-                                    scope)
+        mx.async_eval([(c.keys, c.values) for _, layers, _ in kept for c in layers])
+        for tokens, layers, scope in kept:
+            length = min(layers[0].offset, len(tokens))
+            self.prefix_cache.store(tokens[:length], layers, sum(c.nbytes for c in layers), scope)
 
     @property
     def phase_seconds(self) -> tuple[float, float]:

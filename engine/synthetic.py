@@ -28,7 +28,7 @@ class SyntheticGenerator:
         self.active += 1
         return uid, 0
 
-    def remove(self, uid: int) -> None:
+    def remove(self, uid: int, keep_prefix: bool = False) -> None:  # no prefix cache here
         if self._rows.pop(uid, None) is not None:
             self.active -= 1
 

@@ -102,3 +102,22 @@ def test_a_newcomer_waits_for_company_while_a_batch_runs(tiny_model_dir, prompts
         started = scheduler.steps
         assert run(engine, prompts[1], 2, sampling=GREEDY, ignore_eos=True)[1].finish_reason == "length"
         assert scheduler.steps - started <= 6  # idle engine: its own few steps, not a 40-step wait
+
+
+def test_requests_queued_behind_a_dying_loop_still_get_their_end(tiny_model_dir):
+    """The loop dies while requests wait in its inbox (and one more arrives after): none of
+    them may wait forever for an end marker."""
+    from engine.engine import EngineState
+
+    with running_engine(MODEL=tiny_model_dir) as engine:
+        engine.inject_fault("loop")  # raised by the loop when it reads this message
+        queued = [engine.submit(AddRequest(f"behind-{i}", [5, 6, 7], 4, sampling=GREEDY)) for i in range(3)]
+        with gevent.Timeout(30):
+            while engine.state is not EngineState.FAILED:
+                gevent.sleep(0.01)
+            late = engine.submit(AddRequest("after-death", [5, 6, 7], 4, sampling=GREEDY))
+            for stream in queued + [late]:
+                while stream.finished is None:
+                    stream.next_batch(timeout=1)
+        assert all(s.finished.finish_reason == "error" and "loop died" in s.finished.error
+                   for s in queued + [late])

@@ -161,3 +161,26 @@ def test_api_keys_each_get_their_own_prefix_cache(tiny_server_factory):
     assert prompt_tokens > 32 and hit == prompt_tokens - 1
     assert cached("tenant-b")[0] == 0  # the same prompt, another key: computed afresh
     assert cached("tenant-b")[0] == prompt_tokens - 1
+
+
+def test_an_aborted_sequence_leaves_its_state_for_the_next_prompt(engine):
+    """A stop string or a departed client ends a request by abort, not by the model: what it
+    computed (prompt and answer so far) still seeds the prefix cache."""
+    from engine.messages import AddRequest, TokenDelta
+
+    prompt = list(range(600, 650))
+    stream = engine.submit(AddRequest("aborted-1", prompt, 200, sampling=GREEDY, ignore_eos=True))
+    generated = []
+    while len(generated) < 20:
+        for message in stream.next_batch(timeout=60):
+            if isinstance(message, TokenDelta):
+                generated.extend(message.token_ids)
+    engine.abort("aborted-1")
+    while stream.finished is None:
+        stream.next_batch(timeout=60)
+    assert stream.finished.finish_reason == "abort"
+    # The next turn repeats the prompt and the part of the answer it saw, then goes on.
+    follow_up = prompt + generated[:16] + [700, 701, 702]
+    _, finished = run(engine, follow_up, 4, sampling=GREEDY, ignore_eos=True)
+    assert finished.cached_tokens == len(prompt) + 16
+

@@ -100,6 +100,21 @@ def test_health_answers_fast_while_eight_streams_run(server, client):
     assert latencies and max(latencies) < 0.1, latencies
 
 
+def test_a_reply_cut_by_a_stop_string_still_seeds_the_prefix_cache(server, client):
+    """A stop string ends the request in the web layer (the engine is told to abort); what the
+    engine computed still serves the conversation's next turn."""
+    messages = [{"role": "system", "content": "Orchard stop-string prefix test: answer in words."},
+                {"role": "user", "content": "Name three colours."}]
+    first = client.chat.completions.create(model="smollm2-135m-instruct", messages=messages, temperature=0,
+                                           max_tokens=200, stop=[" "], extra_body={"ignore_eos": True})
+    assert first.choices[0].finish_reason == "stop" and first.usage.completion_tokens < 200
+    follow_up = messages + [{"role": "assistant", "content": first.choices[0].message.content},
+                            {"role": "user", "content": "And one more?"}]
+    second = client.chat.completions.create(model="smollm2-135m-instruct", messages=follow_up,
+                                            temperature=0, max_tokens=2)
+    assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens
+
+
 def test_a_repeated_conversation_is_served_from_the_prefix_cache(server, client):
     messages = [{"role": "system", "content": "You are the terse assistant of the Orchard prefix cache test."},
                 {"role": "user", "content": "Name one fruit."}]

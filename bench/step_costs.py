@@ -86,14 +86,14 @@ def main(argv: list[str] | None = None) -> int:
     batches = [int(b) for b in args.batches.split(",")]
     costs = {b: part_costs(model, b, args.context) for b in batches}
     first = batches[0]
-    print(f"| part (ms per step) | " + " | ".join(f"batch {b}" for b in batches) + f" | growth {first} -> {batches[-1]} |")
+    print("| part (ms per step) | " + " | ".join(f"batch {b}" for b in batches) + f" | growth {first} -> {batches[-1]} |")
     print("| --- | " + " | ".join("---:" for _ in batches) + " | ---: |")
     for part in costs[first]:
         values = [costs[b][part] for b in batches]
         growth = f"{values[-1] / values[0]:.1f}x" if values[0] > 0 else "-"
         print(f"| {part} | " + " | ".join(f"{v:.2f}" for v in values) + f" | {growth} |")
     whole = [costs[b]["whole step"] for b in batches]
-    print(f"| tokens/s (batch / step) | " + " | ".join(f"{b / w * 1000:.1f}" for b, w in zip(batches, whole)) + " | |")
+    print("| tokens/s (batch / step) | " + " | ".join(f"{b / w * 1000:.1f}" for b, w in zip(batches, whole)) + " | |")
     elements = element_costs()
     print(f"\nelement-wise: add {elements['add']:.2f} ns/element, exp {elements['exp']:.2f} ns/element")
     return 0

@@ -43,7 +43,7 @@ def embedded_server(tmp_path_factory, orchard_home, embedded_model_dir):
 
 def assert_never_blocked(server: ServerProcess) -> None:
     blocks = server.loop_blocks()
-    assert not blocks, f"the event loop was blocked > 100 ms while serving:\n" + "\n".join(blocks[:5])
+    assert not blocks, "the event loop was blocked > 100 ms while serving:\n" + "\n".join(blocks[:5])
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
 """Unit tests for bench/: stats math and an end-to-end run against a fake SSE server."""
 from __future__ import annotations
 
-import io
 import json
 import threading
 import time

@@ -112,7 +112,7 @@ class ChatService:
     def __init__(self, engine: Engine, settings: Settings, text_tools, metrics: Metrics,
                  limiter: Optional[RateLimiter] = None):
         self.engine = engine
-        self.settings = self._settings = settings
+        self.settings = settings
         self._limiter = limiter
         self.text = text_tools  # app.model_text.ModelText
         self.metrics = metrics
@@ -135,7 +135,7 @@ class ChatService:
         self._admit()
         if self._limiter is not None and self._limiter.enabled:
             self._limiter.charge(client, len(prompt) + max_tokens)
-        text = repr(messages) if self._settings.log_prompts else None
+        text = repr(messages) if self.settings.log_prompts else None
         return Prepared(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), prompt, max_tokens, request,
                         request_id, text, cache_scope=client if self._keys_on else "")
 
@@ -147,13 +147,13 @@ class ChatService:
                            type="server_is_overloaded", code="insufficient_memory", headers={"Retry-After": "60"})
 
     def _max_tokens(self, request: ChatCompletionRequest, prompt_len: int) -> int:
-        limit, context = self._settings.max_tokens_limit, self.model.context_length
+        limit, context = self.settings.max_tokens_limit, self.model.context_length
         asked = request.requested_max_tokens
         param = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
         if asked is not None and asked > limit:
             raise bad_request(f"{param}={asked} exceeds this server's limit of {limit}", param=param)
         room = context - prompt_len
-        wanted = asked if asked is not None else min(self._settings.default_max_tokens, max(room, 1))
+        wanted = asked if asked is not None else min(self.settings.default_max_tokens, max(room, 1))
         if prompt_len + wanted > context:
             raise bad_request(
                 f"This model's maximum context length is {context} tokens. However, you requested "
@@ -163,7 +163,7 @@ class ChatService:
         return wanted
 
     def _admit(self) -> None:
-        capacity = self._settings.max_concurrent_requests + self._settings.request_queue_size
+        capacity = self.settings.max_concurrent_requests + self.settings.request_queue_size
         if self.engine.running + self.engine.waiting >= capacity:
             raise overloaded(f"The server is at capacity ({capacity} requests running or queued); "
                              f"retry shortly", retry_after=2)

@@ -51,3 +51,19 @@ def run_many(engine: Engine, prompts: list[list[int]], max_tokens: int, **kwargs
     jobs = [gevent.spawn(run, engine, p, max_tokens, **kwargs) for p in prompts]
     gevent.joinall(jobs, raise_error=True)
     return [job.value for job in jobs]
+
+
+@contextlib.contextmanager
+def running_app(settings):
+    """The Flask app in-process (test client, real engine thread), once /health says ready."""
+    from app import create_app
+
+    app = create_app(settings)
+    client = app.test_client()
+    try:
+        with gevent.Timeout(120):
+            while client.get("/health").status_code != 200:
+                gevent.sleep(0.05)
+        yield app
+    finally:
+        app.extensions["orchard"].engine.shutdown()

@@ -3,11 +3,10 @@ from __future__ import annotations
 
 import json
 
-import gevent
 import pytest
 
-from app import create_app
 from config import load_settings
+from tests.engine_harness import running_app
 
 BODY = {"model": "tiny", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 6, "temperature": 0}
 
@@ -15,13 +14,8 @@ BODY = {"model": "tiny", "messages": [{"role": "user", "content": "Hello"}], "ma
 @pytest.fixture(scope="module")
 def client(tiny_model_dir):
     settings = load_settings({"MODEL": str(tiny_model_dir), "MODEL_ID": "tiny"}, dotenv=False)
-    app = create_app(settings)
-    client = app.test_client()
-    with gevent.Timeout(120):
-        while client.get("/health").status_code != 200:
-            gevent.sleep(0.05)
-    yield client
-    app.extensions["orchard"].engine.shutdown()
+    with running_app(settings) as app:
+        yield app.test_client()
 
 
 def sse_events(response) -> list:

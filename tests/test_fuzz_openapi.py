@@ -7,7 +7,6 @@ reproducible and takes well under a minute.
 """
 from __future__ import annotations
 
-import gevent
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
@@ -15,8 +14,8 @@ from hypothesis import strategies as st
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 
-from app import create_app
 from config import load_settings
+from tests.engine_harness import running_app
 
 MAX_EXAMPLES = 60
 OPERATIONS = ["GET /health", "GET /v1/models", "GET /v1/models/{model_id}", "GET /v1/system/status",
@@ -28,13 +27,8 @@ def fuzz_app(tiny_model_dir):
     # MAX_TOKENS_LIMIT keeps every generation short; DEFAULT_MAX_TOKENS may not exceed it.
     settings_ = load_settings({"MODEL": str(tiny_model_dir), "MODEL_ID": "tiny", "MAX_TOKENS_LIMIT": "16",
                                "DEFAULT_MAX_TOKENS": "16", "API_KEYS": ""}, dotenv=False)
-    app = create_app(settings_)
-    client = app.test_client()
-    with gevent.Timeout(120):
-        while client.get("/health").status_code != 200:
-            gevent.sleep(0.05)
-    yield app
-    app.extensions["orchard"].engine.shutdown()
+    with running_app(settings_) as app:
+        yield app
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ def occupancy(records: list[dict], wall_s: float, bucket_s: float) -> list[tuple
     """(time, in flight, decoding) at every bucket boundary of the level's wall time.
 
     In flight: sent and not yet finished. Decoding: first token seen and not yet finished."""
-    spans = [(r["start"], r["start"] + (r["ttft"] or r["e2e"]), r["start"] + r["e2e"])
+    spans = [(r["start"], r["start"] + (r["e2e"] if r.get("ttft") is None else r["ttft"]), r["start"] + r["e2e"])
              for r in records if r.get("ok") and r.get("e2e") is not None]
     rows, t = [], 0.0
     while t < wall_s:

@@ -181,6 +181,9 @@ def test_an_aborted_sequence_leaves_its_state_for_the_next_prompt(engine):
     assert stream.finished.finish_reason == "abort"
     # The next turn repeats the prompt and the part of the answer it saw, then goes on.
     follow_up = prompt + generated[:16] + [700, 701, 702]
-    _, finished = run(engine, follow_up, 4, sampling=GREEDY, ignore_eos=True)
+    tokens, finished = run(engine, follow_up, 4, sampling=GREEDY, ignore_eos=True)
     assert finished.cached_tokens == len(prompt) + 16
+    engine._generator.prefix_cache.clear()  # the engine is idle: the same prompt computed afresh
+    cold, cold_finished = run(engine, follow_up, 4, sampling=GREEDY, ignore_eos=True)
+    assert cold_finished.cached_tokens == 0 and tokens == cold
 

@@ -42,12 +42,16 @@ class Generator:
         self._stops: dict[tuple[int, ...], StopSequences] = {}
         self.prefix_cache = PrefixCache(prefix_cache_bytes)
         self._scopes: dict[int, str] = {}  # uid -> prefix-cache scope of sequences that have one
+        self._vocab_size = getattr(getattr(model, "args", None), "vocab_size", None)
         self.active = 0
 
     def insert(self, request: AddRequest) -> tuple[int, int]:
         """Queue a sequence; returns (uid, prompt tokens served from the prefix cache)."""
         params = request.sampling
         prompt = request.prompt_tokens
+        if self._vocab_size and prompt and not (min(prompt) >= 0 and max(prompt) < self._vocab_size):
+            # The embedding lookup does not check bounds: an outside id would read stray memory.
+            raise ValueError(f"a prompt token id is outside the model's vocabulary (0..{self._vocab_size - 1})")
         layers, cached = self.prefix_cache.lookup(prompt, request.cache_scope)
         (uid,) = self._batch.insert(
             [prompt[cached:]],

@@ -61,6 +61,18 @@ def test_abort_removes_a_running_sequence(engine, prompts):
     assert (engine.running, engine.waiting) == (0, 0)
 
 
+def test_a_token_id_outside_the_vocabulary_fails_alone(engine, prompts):
+    """The embedding lookup does not bounds-check: such an id must be refused, not read."""
+    vocab = engine.model.model.args.vocab_size
+    streams = run_many(engine, [prompts[0], prompts[1] + [vocab], [-1] + prompts[2]], 4,
+                       sampling=GREEDY, ignore_eos=True)
+    (good, good_end), (_, past_end), (_, negative) = streams
+    assert (good_end.finish_reason, len(good)) == ("length", 4)
+    for bad in (past_end, negative):
+        assert bad.finish_reason == "error" and "vocabulary" in bad.error
+    assert (engine.running, engine.waiting) == (0, 0)
+
+
 def test_a_failing_step_fails_only_its_requests_and_the_engine_serves_on(engine, prompts, monkeypatch):
     generator = engine._generator
     real_step = generator.step

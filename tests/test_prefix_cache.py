@@ -106,7 +106,8 @@ def test_engine_reuses_a_prompt_and_output_is_unchanged(engine):
     assert again[0] == first[0]
     assert again[1].cached_tokens == len(prompts[0]) - 1 and again[1].prompt_tokens == len(prompts[0])
     # Siblings share the system prompt; hits and misses mix in one batch and match a cold run.
-    together = run_many(engine, prompts[1:] + [list(range(500, 530))], 8, sampling=GREEDY, ignore_eos=True)
+    unrelated = list(range(450, 480))  # every id stays inside the tiny vocabulary (512)
+    together = run_many(engine, prompts[1:] + [unrelated], 8, sampling=GREEDY, ignore_eos=True)
     assert all(f.cached_tokens >= 32 for _, f in together[:3]) and together[3][1].cached_tokens == 0
     cold = []
     for prompt in prompts[1:]:
@@ -168,7 +169,7 @@ def test_an_aborted_sequence_leaves_its_state_for_the_next_prompt(engine):
     computed (prompt and answer so far) still seeds the prefix cache."""
     from engine.messages import AddRequest, TokenDelta
 
-    prompt = list(range(600, 650))
+    prompt = list(range(250, 300))  # ids inside the tiny vocabulary (512)
     stream = engine.submit(AddRequest("aborted-1", prompt, 200, sampling=GREEDY, ignore_eos=True))
     generated = []
     while len(generated) < 20:
@@ -180,7 +181,7 @@ def test_an_aborted_sequence_leaves_its_state_for_the_next_prompt(engine):
         stream.next_batch(timeout=60)
     assert stream.finished.finish_reason == "abort"
     # The next turn repeats the prompt and the part of the answer it saw, then goes on.
-    follow_up = prompt + generated[:16] + [700, 701, 702]
+    follow_up = prompt + generated[:16] + [480, 481, 482]
     tokens, finished = run(engine, follow_up, 4, sampling=GREEDY, ignore_eos=True)
     assert finished.cached_tokens == len(prompt) + 16
     engine._generator.prefix_cache.clear()  # the engine is idle: the same prompt computed afresh

@@ -14,12 +14,17 @@ import json
 import sys
 
 
+def _spans(records: list[dict]) -> list[tuple[float, float, float]]:
+    """(sent, first token, finished) of every request that succeeded."""
+    return [(r["start"], r["start"] + (r["e2e"] if r.get("ttft") is None else r["ttft"]), r["start"] + r["e2e"])
+            for r in records if r.get("ok") and r.get("e2e") is not None]
+
+
 def occupancy(records: list[dict], wall_s: float, bucket_s: float) -> list[tuple[float, int, int]]:
     """(time, in flight, decoding) at every bucket boundary of the level's wall time.
 
     In flight: sent and not yet finished. Decoding: first token seen and not yet finished."""
-    spans = [(r["start"], r["start"] + (r["e2e"] if r.get("ttft") is None else r["ttft"]), r["start"] + r["e2e"])
-             for r in records if r.get("ok") and r.get("e2e") is not None]
+    spans = _spans(records)
     rows, t = [], 0.0
     while t < wall_s:
         in_flight = sum(1 for start, _, end in spans if start <= t < end)
@@ -30,12 +35,16 @@ def occupancy(records: list[dict], wall_s: float, bucket_s: float) -> list[tuple
 
 
 def summarize(level: dict, bucket_s: float = 0.1) -> dict:
+    """Exact time-weighted means (not the sampled rows: a short level could fall between them)."""
     summary = level["summary"]
-    rows = occupancy(level["requests"], summary["wall_s"], bucket_s)
-    n = len(rows) or 1
-    return {"concurrency": summary["concurrency"], "wall_s": summary["wall_s"],
-            "mean_in_flight": round(sum(r[1] for r in rows) / n, 1),
-            "mean_decoding": round(sum(r[2] for r in rows) / n, 1), "timeline": rows}
+    wall = summary["wall_s"]
+    spans = _spans(level["requests"])
+    in_flight = sum(min(end, wall) - min(start, wall) for start, _, end in spans)
+    decoding = sum(min(end, wall) - min(first, wall) for _, first, end in spans)
+    return {"concurrency": summary["concurrency"], "wall_s": wall,
+            "mean_in_flight": round(in_flight / wall, 2) if wall > 0 else 0.0,
+            "mean_decoding": round(decoding / wall, 2) if wall > 0 else 0.0,
+            "timeline": occupancy(level["requests"], wall, bucket_s)}
 
 
 def main(argv: list[str] | None = None) -> int:

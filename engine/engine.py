@@ -351,4 +351,4 @@ def _gone(why: str) -> Finished:
 
 
 def _error(exc: Exception) -> Finished:
-    return Finished("error", error=str(exc) or exc.__class__.__name__, error_type="server_error")
+    return _gone(str(exc) or exc.__class__.__name__)

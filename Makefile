@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test setup model bench clean
+.PHONY: run test test-fast setup model bench clean
 
 $(BIN)/orchard: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ run: model
 
 test: model
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# The fast tier: no server, no model; seconds. `make test` stays the whole suite.
+test-fast: setup
+	$(BIN)/python -m pytest -q tests/unit $(PYTEST_ARGS)
 
 bench: model
 	$(BIN)/orchard bench $(BENCH_ARGS)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from app.protocol import ChatCompletionRequest
+from app.api.chat.protocol import ChatCompletionRequest
 from orchard import __version__
 
 _ERROR = {"description": "OpenAI error envelope", "content": {"application/json": {"schema": {

@@ -6,7 +6,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 
 from app.errors import APIError
 from app.metrics import CONTENT_TYPE
-from app.protocol import ChatCompletionRequest
+from app.api.chat.protocol import ChatCompletionRequest
 
 api = Blueprint("api", __name__)
 
@@ -66,7 +66,8 @@ def chat_completions():
     prepared = chat.prepare(body, g.client_id, g.request_id)
     if not body.stream:
         return jsonify(chat.complete(prepared, request.environ))
-    return Response(stream_with_context(chat.stream(prepared, request.environ)), mimetype="text/event-stream",
+    return Response(stream_with_context(chat.stream(prepared, body.include_usage, request.environ)),
+                    mimetype="text/event-stream",
                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 

@@ -13,8 +13,11 @@ from typing import Optional
 
 import gevent
 
-from app.chat import ChatService
+from app.api.chat.serving import ChatServing
 from app.errors import APIError
+from app.generation.admission import Admission
+from app.generation.constraints import Constraints
+from app.generation.generation import GenerationContext
 from app.metrics import Metrics
 from app.model_text import ModelText
 from app.rate_limit import RateLimiter
@@ -39,7 +42,7 @@ class Orchard:
         self.limiter = RateLimiter(settings.rate_limit, settings.token_rate_limit)
         self.draining = False
         self._drainer = None  # the greenlet running _drain, once SIGTERM arrived
-        self._chat: Optional[ChatService] = None
+        self._chat: Optional[ChatServing] = None
 
     @classmethod
     def start(cls, settings: Settings, engine: Optional[Engine] = None) -> "Orchard":
@@ -72,14 +75,16 @@ class Orchard:
         beat = self.engine.stats.last_beat
         return bool((self.engine.running or self.engine.waiting) and beat and time.monotonic() - beat > STALL_S)
 
-    def require_ready(self) -> ChatService:
+    def require_ready(self) -> ChatServing:
         ok, why = self.health()
         if not ok:
             raise APIError(503, why, type="server_error", code="engine_unavailable",
                            headers={"Retry-After": "5"})
-        if self._chat is None:
-            self._chat = ChatService(self.engine, self.settings, ModelText(self.engine.model), self.metrics,
-                                     self.limiter)
+        if self._chat is None:  # the model's text side exists once the engine has loaded it
+            text = ModelText(self.engine.model)
+            ctx = GenerationContext(self.engine, text, self.metrics, self.settings.queue_timeout)
+            self._chat = ChatServing(ctx, self.settings, Admission(self.engine, self.settings, self.limiter),
+                                     Constraints(text, self.settings.tool_parser))
         return self._chat
 
     def refuse_if_draining(self) -> None:

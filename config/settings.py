@@ -41,6 +41,8 @@ class Settings:
     request_queue_size: int = _spec("REQUEST_QUEUE_SIZE", "requests that may wait for a batch slot", min=0, max=100000)
     max_tokens_limit: int = _spec("MAX_TOKENS_LIMIT", "largest max_tokens a request may ask for", min=1, max=1_000_000)
     default_max_tokens: int = _spec("DEFAULT_MAX_TOKENS", "max_tokens when a request gives none", min=1, max=1_000_000)
+    max_n: int = _spec("MAX_N", "largest `n` (choices per request) a request may ask for", min=1, max=128)
+    tool_parser: str = _spec("TOOL_PARSER", "tool-call format: auto (from the chat template), hermes or llama3_json")
     prefill_step_size: int = _spec("PREFILL_STEP_SIZE", "prompt tokens processed per engine step (smaller keeps decode smooth)", min=16, max=65536)
     prefill_batch_size: int = _spec("PREFILL_BATCH_SIZE", "prompts prefilled together", min=1, max=1024)
     admission_wait_steps: int = _spec("ADMISSION_WAIT_STEPS", "engine steps a newcomer may wait for others to join the running batch with it (fewer extra forward passes); 0: join at once", min=0, max=1000)
@@ -124,6 +126,8 @@ DEFAULTS: dict[str, str] = {
     "REQUEST_QUEUE_SIZE": "128",
     "MAX_TOKENS_LIMIT": "8192",
     "DEFAULT_MAX_TOKENS": "512",
+    "MAX_N": "8",
+    "TOOL_PARSER": "auto",
     "PREFILL_STEP_SIZE": "512",
     "PREFILL_BATCH_SIZE": "8",
     "ADMISSION_WAIT_STEPS": "8",
@@ -206,6 +210,8 @@ def _check_consistency(s: Settings) -> None:
     if s.drain_timeout >= s.graceful_timeout:
         raise SettingsError(f"DRAIN_TIMEOUT={s.drain_timeout} must be below GRACEFUL_TIMEOUT={s.graceful_timeout}, "
                             f"so requests end cleanly before Gunicorn kills the worker")
+    if s.tool_parser not in ("auto", "hermes", "llama3_json"):
+        raise SettingsError(f"TOOL_PARSER={s.tool_parser!r} must be auto, hermes or llama3_json")
     s.kv_budget_bytes, s.prefix_cache_cap  # validates the sizes
     keys = s.keys()
     if not keys and not s.is_loopback and not s.allow_public_bind:

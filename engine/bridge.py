@@ -21,11 +21,15 @@ from engine.messages import Finished
 class RequestStream:
     """What one request greenlet reads: token deltas, then one Finished. Hub side only."""
 
-    def __init__(self, request_id: str):
+    def __init__(self, request_id: str, ready: Optional[Event] = None):
         self.request_id = request_id
         self._pending: collections.deque = collections.deque()
-        self._ready = Event()
+        self._ready = ready or Event()  # several streams may share one (a request's n choices)
         self.finished: Optional[Finished] = None
+
+    @property
+    def has_pending(self) -> bool:
+        return bool(self._pending)
 
     def push(self, message) -> None:
         self._pending.append(message)
@@ -36,6 +40,10 @@ class RequestStream:
         if not self._pending:
             self._ready.wait(timeout)
         self._ready.clear()
+        return self.take()
+
+    def take(self) -> list:
+        """Messages since the last call, without waiting (the caller waits on the shared event)."""
         out = list(self._pending)
         self._pending.clear()
         for message in out:
@@ -53,8 +61,8 @@ class OutputBridge:
         self._watcher = gevent.get_hub().loop.async_()
         self._watcher.start(self._deliver)
 
-    def open(self, request_id: str) -> RequestStream:
-        stream = RequestStream(request_id)
+    def open(self, request_id: str, ready: Optional[Event] = None) -> RequestStream:
+        stream = RequestStream(request_id, ready)
         self._streams[request_id] = stream
         return stream
 
@@ -73,6 +81,3 @@ class OutputBridge:
             if isinstance(message, Finished):
                 del self._streams[request_id]
 
-    def close(self) -> None:
-        self._watcher.stop()
-        self._watcher.close()

@@ -20,8 +20,8 @@ from typing import Callable, Optional
 from gevent import monkey
 
 from engine.bridge import OutputBridge, RequestStream
-from engine.messages import (AbortAll, AbortRequest, AddRequest, Admitted, Finished, InjectFault, Shutdown,
-                             TokenDelta)
+from engine.messages import (AbortAll, AbortRequest, AddGroup, AddRequest, Admitted, Finished, InjectFault,
+                             Shutdown, TokenDelta)
 from engine.model import LoadedModel
 from engine.scheduler import Scheduler, Sequence
 
@@ -97,14 +97,20 @@ class Engine:
                 return
         _start_native_thread(self._run, ())
 
-    def submit(self, request: AddRequest) -> RequestStream:
-        stream = self._bridge.open(request.request_id)
-        self._inbox.put(request)
+    def submit(self, request: AddRequest, ready=None) -> RequestStream:
+        """Queue a request; `ready` (a gevent Event) may be shared by several streams."""
+        return self.submit_group([request], ready)[0]
+
+    def submit_group(self, requests: list[AddRequest], ready=None) -> list[RequestStream]:
+        """Queue requests that belong together (one message: admitted together, one prefill)."""
+        streams = [self._bridge.open(r.request_id, ready) for r in requests]
+        self._inbox.put(requests[0] if len(requests) == 1 else AddGroup(tuple(requests)))
         if self.state in (EngineState.FAILED, EngineState.STOPPED):
             # The loop is gone (it sets its state before it empties the inbox one last time),
-            # so nothing would ever answer: end the request here. A duplicate end is dropped.
-            self._bridge.post([(request.request_id, _gone(self.error or "the engine has stopped"))])
-        return stream
+            # so nothing would ever answer: end the requests here. A duplicate end is dropped.
+            why = self.error or "the engine has stopped"
+            self._bridge.post([(r.request_id, _gone(why)) for r in requests])
+        return streams
 
     def abort(self, request_id: str, reason: str = "abort") -> None:
         self._inbox.put(AbortRequest(request_id, reason))
@@ -150,7 +156,7 @@ class Engine:
     def _run(self) -> None:
         try:
             model = self._loader()
-            model.build_token_table()
+            model.build_text_tables()
             self.model = model
             self._configure_memory()
             self._generator = self._generator_factory(self.model, self._scheduler.max_running)
@@ -199,6 +205,9 @@ class Engine:
             block = False
             if isinstance(message, AddRequest):
                 self._scheduler.add(message)
+            elif isinstance(message, AddGroup):
+                for request in message.requests:
+                    self._scheduler.add(request)
             elif isinstance(message, AbortRequest):
                 self._abort(message)
             elif isinstance(message, AbortAll):
@@ -211,12 +220,15 @@ class Engine:
 
     def _admit(self) -> None:
         admitted = []
-        for sequence in self._scheduler.admissions():
-            try:
-                uid, cached = self._generator.insert(sequence.request)
-            except Exception as exc:  # a bad request fails alone
-                admitted.append((sequence.request_id, _error(exc)))
+        sequences = self._scheduler.admissions()
+        if not sequences:
+            return
+        results = self._generator.insert_many([s.request for s in sequences])
+        for sequence, result in zip(sequences, results):
+            if isinstance(result, Exception):  # a bad request fails alone
+                admitted.append((sequence.request_id, _error(result)))
                 continue
+            uid, cached = result
             self._scheduler.start(sequence, uid)
             sequence.cached_tokens = cached
             self.stats.prompt_tokens += len(sequence.request.prompt_tokens)
@@ -241,13 +253,18 @@ class Engine:
             log.error("engine step failed: %s\n%s", exc, traceback.format_exc())
             self._fail_running(exc)
             return
-        deltas: dict[str, list[int]] = {}
+        deltas: dict[str, TokenDelta] = {}
         finished = []
         for t in tokens:
             sequence = self._scheduler.running[t.uid]
             sequence.completion_tokens += 1
             if t.finish_reason != "stop":  # the stop token itself is not text
-                deltas.setdefault(sequence.request_id, []).append(t.token)
+                delta = deltas.get(sequence.request_id)
+                if delta is None:
+                    delta = deltas[sequence.request_id] = TokenDelta([], [] if t.logprob is not None else None)
+                delta.token_ids.append(t.token)
+                if t.logprob is not None:
+                    delta.logprobs.append(t.logprob)
             if t.finish_reason is not None:
                 self._scheduler.finish(t.uid)
                 finished.append((sequence.request_id, self._finished(sequence, t.finish_reason)))
@@ -255,7 +272,7 @@ class Engine:
         if finished:  # they left their state in the prefix cache and freed their reservations
             self._fit_prefix_cache()
         self._record_step(len(tokens))
-        self._publish([(rid, TokenDelta(ids)) for rid, ids in deltas.items()] + finished)
+        self._publish(list(deltas.items()) + finished)
 
     def _record_step(self, n_tokens: int) -> None:
         s = self.stats
@@ -339,6 +356,8 @@ class Engine:
                 break
             if isinstance(message, AddRequest):
                 ended.append((message.request_id, _gone(why)))
+            elif isinstance(message, AddGroup):
+                ended += [(r.request_id, _gone(why)) for r in message.requests]
         self._publish(ended)
 
     def _publish(self, items: list) -> None:

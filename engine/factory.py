@@ -45,7 +45,8 @@ def build_engine(settings: Settings) -> Engine:
         return Generator(model.model, model.eos_token_ids, max_batch=max_running,
                          prefill_batch_size=settings.prefill_batch_size,
                          prefill_step_size=settings.prefill_step_size,
-                         prefix_cache_bytes=_UNBOUNDED if settings.prefix_cache_cap is None else settings.prefix_cache_cap)
+                         prefix_cache_bytes=_UNBOUNDED if settings.prefix_cache_cap is None else settings.prefix_cache_cap,
+                         grammar_tokenizer=model.grammar_tokenizer)
 
     engine = Engine(load, max_running=settings.max_concurrent_requests, generator_factory=make_generator,
                     preload=preload, kv_budget=settings.kv_budget_bytes,

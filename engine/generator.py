@@ -11,8 +11,8 @@ import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, StopSequences
 from mlx_lm.models.cache import KVCache
 
-from engine.messages import AddRequest
-from engine.prefix_cache import PrefixCache
+from engine.messages import AddRequest, TokenLogprob
+from engine.prefix_cache import PrefixCache, _trimmed
 from engine.sampling import SamplerFactory
 
 
@@ -21,13 +21,20 @@ class StepToken:
     uid: int
     token: int
     finish_reason: Optional[str]  # None, 'stop' or 'length'
+    logprob: Optional[TokenLogprob] = None  # only for rows that asked for logprobs
 
 
 class Generator:
     """Continuous batching over one model: insert, remove, step."""
 
     def __init__(self, model, eos_token_ids: Iterable[int], *, max_batch: int,
-                 prefill_batch_size: int, prefill_step_size: int, prefix_cache_bytes: int = 0):
+                 prefill_batch_size: int, prefill_step_size: int, prefix_cache_bytes: int = 0,
+                 grammar_tokenizer=None):
+        self._model = model
+        self._prefill_step = prefill_step_size
+        self._grammar_tokenizer = grammar_tokenizer  # llguidance's view of the vocabulary, or None
+        self._logprobs: dict[int, int] = {}  # uid -> top-k of rows that asked for logprobs
+        self.prefill_tokens_saved = 0  # prompt tokens not recomputed thanks to shared prefills
         self._eos = tuple(sorted(set(eos_token_ids)))
         self._stream = mx.new_stream(mx.default_device())
         self._batch = BatchGenerator(
@@ -47,31 +54,101 @@ class Generator:
 
     def insert(self, request: AddRequest) -> tuple[int, int]:
         """Queue a sequence; returns (uid, prompt tokens served from the prefix cache)."""
-        params = request.sampling
-        prompt = request.prompt_tokens
-        if self._vocab_size and prompt and not (min(prompt) >= 0 and max(prompt) < self._vocab_size):
+        return self.insert_many([request])[0]
+
+    def insert_many(self, requests: list[AddRequest]) -> list:
+        """Queue sequences admitted together; one (uid, cached) or an exception per request.
+
+        Requests with the same prompt and cache scope (the `n` choices of one API request, or
+        identical calls) share one prefill: the prompt is computed once and each row starts
+        from a copy of its KV state, so n choices cost one prompt's compute, not n."""
+        groups: dict[tuple, list[int]] = {}
+        for i, request in enumerate(requests):
+            groups.setdefault((request.cache_scope, tuple(request.prompt_tokens)), []).append(i)
+        out: list = [None] * len(requests)
+        for members in groups.values():
+            try:
+                self._check_prompt(requests[members[0]].prompt_tokens)
+                shared = self._shared_prefill(requests[members[0]]) if len(members) > 1 else None
+                if shared is not None:
+                    self.prefill_tokens_saved += (len(members) - 1) * (len(requests[members[0]].prompt_tokens) - 1)
+                for i in members:
+                    out[i] = self._insert_one(requests[i], shared)
+            except Exception as exc:  # a bad request fails alone
+                for i in members:
+                    out[i] = out[i] or exc
+        return out
+
+    def _check_prompt(self, prompt: list[int]) -> None:
+        if not prompt:
+            raise ValueError("the prompt is empty")
+        if self._vocab_size and not (min(prompt) >= 0 and max(prompt) < self._vocab_size):
             # The embedding lookup does not check bounds: an outside id would read stray memory.
             raise ValueError(f"a prompt token id is outside the model's vocabulary (0..{self._vocab_size - 1})")
+
+    def _shared_prefill(self, request: AddRequest):
+        """KV state of all but the last prompt token, computed once (prefix cache first)."""
+        from mlx_lm.models.cache import make_prompt_cache
+
+        prompt = request.prompt_tokens
+        if len(prompt) < 2:
+            return None
         layers, cached = self.prefix_cache.lookup(prompt, request.cache_scope)
+        cache = make_prompt_cache(self._model)
+        if layers:  # own arrays: the forward pass below writes into the cache
+            for mine, theirs in zip(cache, layers):
+                mine.keys = theirs.keys[..., :cached, :]
+                mine.values = theirs.values[..., :cached, :]
+                mine.offset = cached
+        rest = prompt[cached:-1]
+        with mx.stream(self._stream):
+            for start in range(0, len(rest), self._prefill_step):
+                self._model(mx.array(rest[start:start + self._prefill_step])[None], cache=cache)
+                mx.eval([c.state for c in cache])
+        return cache, cached
+
+    def _insert_one(self, request: AddRequest, shared) -> tuple[int, int]:
+        params = request.sampling
+        prompt = request.prompt_tokens
+        if shared is not None:
+            cache, cached = shared
+            start = len(prompt) - 1
+            layers = [_trimmed(layer, start) for layer in cache]
+        else:
+            layers, cached = self.prefix_cache.lookup(prompt, request.cache_scope)
+            start = cached
+        processors = self._samplers.logits_processors(params, request.max_tokens)
+        if request.grammar is not None:  # last: no bias or penalty can re-allow a masked token
+            processors = processors + [self._grammar(request.grammar)]
         (uid,) = self._batch.insert(
-            [prompt[cached:]],
+            [prompt[start:]],
             caches=[layers] if layers else None,
-            all_tokens=[prompt[:cached]],
+            all_tokens=[prompt[:start]],
             max_tokens=[request.max_tokens],
             samplers=[self._samplers.sampler(params)],
-            logits_processors=[self._samplers.logits_processors(params, request.max_tokens)],
+            logits_processors=[processors],
             stop_sequences=[self._stop_sequences(request.stop_token_ids, request.ignore_eos)],
         )
         if request.cache_scope:
             self._scopes[uid] = request.cache_scope
+        if request.logprobs is not None:
+            self._logprobs[uid] = request.logprobs
         self.active += 1
         return uid, cached
+
+    def _grammar(self, grammar: str):
+        from engine.grammar import make_processor
+
+        if self._grammar_tokenizer is None:
+            raise ValueError("this model's tokenizer does not support grammar-constrained output")
+        return make_processor(grammar, self._grammar_tokenizer, self._eos, self._vocab_size)
 
     def remove(self, uid: int, keep_prefix: bool = False) -> None:
         """Take a sequence out of the batch. `keep_prefix`: it ended well, only not by the model
         (a stop string, a client that left), so its KV state joins the prefix cache like a
         finished one's: an agent's next call, or a retry, starts from it."""
         scope = self._scopes.pop(uid, "")
+        self._logprobs.pop(uid, None)
         keep = keep_prefix and self.prefix_cache.capacity > 0
         left = self._batch.remove([uid], return_prompt_caches=keep)
         self.active -= 1
@@ -82,12 +159,39 @@ class Generator:
     def step(self) -> list[StepToken]:
         """One engine step: prefill some prompts and/or decode one token for every running row."""
         _, responses = self._batch.next()
-        out = [StepToken(r.uid, r.token, r.finish_reason) for r in responses]
+        logprobs = self._token_logprobs(responses) if self._logprobs else {}
+        out = [StepToken(r.uid, r.token, r.finish_reason, logprobs.get(r.uid)) for r in responses]
         finished = [r for r in responses if r.finish_reason is not None]
+        for r in finished:
+            self._logprobs.pop(r.uid, None)
         self.active -= len(finished)
         scopes = [self._scopes.pop(r.uid, "") for r in finished]
         if finished and self.prefix_cache.capacity > 0:
             self._keep_prefixes(finished, scopes)
+        return out
+
+    def _token_logprobs(self, responses) -> dict[int, TokenLogprob]:
+        """The sampled token's logprob and the top k, for the rows that asked: one gather and
+        one partial sort over those rows together, one host transfer."""
+        rows = [r for r in responses if r.uid in self._logprobs]
+        if not rows:
+            return {}
+        dist = mx.stack([r.logprobs for r in rows])
+        chosen = mx.take_along_axis(dist, mx.array([[r.token] for r in rows]), axis=1)[:, 0]
+        k = max(self._logprobs[r.uid] for r in rows)
+        if k:
+            top_ids = mx.argpartition(-dist, k - 1, axis=1)[:, :k]
+            top_lps = mx.take_along_axis(dist, top_ids, axis=1)
+            mx.eval(chosen, top_ids, top_lps)
+            ids, lps = top_ids.tolist(), top_lps.tolist()
+        else:
+            mx.eval(chosen)
+            ids = lps = [[] for _ in rows]
+        out = {}
+        for r, lp, row_ids, row_lps in zip(rows, chosen.tolist(), ids, lps):
+            ranked = sorted(((i, v) for i, v in zip(row_ids, row_lps) if v > float("-inf")),
+                            key=lambda pair: (-pair[1], pair[0]))
+            out[r.uid] = TokenLogprob(lp, tuple(ranked[:self._logprobs[r.uid]]))
         return out
 
     def limit_prefix_cache(self, limit: int) -> None:

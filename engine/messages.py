@@ -1,7 +1,7 @@
 """Typed messages that cross the boundary between request greenlets and the engine thread.
 
-Inbox (greenlet -> engine): AddRequest, AbortRequest, AbortAll, Shutdown, InjectFault.
-Outbox (engine -> greenlet): Admitted, TokenDelta per step, then exactly one Finished.
+Inbox (greenlet -> engine): AddRequest, AddGroup, AbortRequest, AbortAll, Shutdown, InjectFault.
+Outbox (engine -> greenlet): Admitted, TokenDelta per step (with logprobs when asked), then exactly one Finished.
 Exceptions never cross as raises: they become Finished(error=...).
 """
 from __future__ import annotations
@@ -24,6 +24,18 @@ class AddRequest:
     ignore_eos: bool = False
     # Prefix-cache partition: requests only reuse state left by requests of the same scope.
     cache_scope: str = ""
+    # None: no log-probabilities; k >= 0: the sampled token's and the k most likely (k <= 20).
+    logprobs: Optional[int] = None
+    # An llguidance grammar (JSON text) the output must match; built into a mask on the engine thread.
+    grammar: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class AddGroup:
+    """Requests that arrive together (the n choices of one API request): queued in one message,
+    so they are admitted in the same step when slots allow, and share one prefill."""
+
+    requests: tuple[AddRequest, ...]
 
 
 @dataclass(frozen=True)
@@ -59,11 +71,22 @@ class Admitted:
     cached_tokens: int = 0  # prompt tokens taken from the prefix cache, not computed
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """The log-probability of one sampled token, and the `top` most likely (id, logprob) pairs,
+    from the distribution it was sampled from (after penalties, logit_bias and a grammar mask)."""
+
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
 @dataclass
 class TokenDelta:
-    """New tokens for one request from one engine step."""
+    """New tokens for one request from one engine step; `logprobs` is aligned with `token_ids`
+    when the request asked for them."""
 
     token_ids: list[int]
+    logprobs: Optional[list[TokenLogprob]] = None
 
 
 @dataclass(frozen=True)

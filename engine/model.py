@@ -1,6 +1,7 @@
 """The loaded model as the rest of Orchard sees it: weights, tokenizer, limits."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,12 +23,28 @@ class LoadedModel:
     # engine thread at load time: it walks the whole vocabulary, too slow for the event loop.
     token_table: Any = None
     token_table_ready: bool = False
+    # llguidance's view of the vocabulary (grammar-constrained output); None where it cannot be
+    # built. Built beside the token table, for the same reason. Immutable once built.
+    grammar_tokenizer: Any = None
 
-    def build_token_table(self) -> None:
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the embedding (may exceed the tokenizer's size: padded rows)."""
+        size = self.config.get("vocab_size") or (self.config.get("text_config") or {}).get("vocab_size")
+        return int(size) if size else len(getattr(self.tokenizer, "_tokenizer", self.tokenizer))
+
+    def build_text_tables(self) -> None:
         from engine.detokenizer import TokenTable
 
-        self.token_table = TokenTable.build(getattr(self.tokenizer, "_tokenizer", self.tokenizer))
+        hf_tokenizer = getattr(self.tokenizer, "_tokenizer", self.tokenizer)
+        self.token_table = TokenTable.build(hf_tokenizer)
         self.token_table_ready = True
+        try:
+            from engine.grammar import build_grammar_tokenizer
+
+            self.grammar_tokenizer = build_grammar_tokenizer(hf_tokenizer, self.eos_token_ids)
+        except Exception as exc:  # structured output is then refused with a clear 400
+            logging.getLogger("orchard.engine").warning("no grammar support for this tokenizer: %s", exc)
 
 
 def context_length_of(config: dict) -> int:

@@ -3,23 +3,84 @@
 `tiny` is small enough for CPU tests; the Qwen2.5 shapes match the real models'
 configs, for benchmarking with LOAD_FORMAT=dummy (config and tokenizer only, weights
 initialised in place) where no weights can be downloaded. The tokenizer is a small
-byte-level BPE trained on a built-in text, with Qwen2.5's ChatML template.
+byte-level BPE trained on a built-in text, with Qwen2.5-Instruct's chat template (tools
+included) and, like Qwen2.5, `<tool_call>`/`</tool_call>` as non-special added tokens.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+# Qwen2.5-Instruct's chat template, tools section included: the system turn lists the tools
+# in <tools></tools> and asks for <tool_call> answers; assistant tool_calls render as
+# <tool_call> blocks (arguments through `tojson`, so callers pass them as dicts); `tool`
+# messages go inside <tool_response> in a user turn. One difference from the real one: the
+# default system prompt stays "You are a helpful assistant." (Qwen's says "You are Qwen,
+# created by Alibaba Cloud. ..."), so prompts without tools render as they always did here.
 CHATML_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{%- if loop.first and message['role'] != 'system' %}"
-    "{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
-    "{%- endif %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+    "{%- if tools %}\n"
+    "    {{- '<|im_start|>system\\n' }}\n"
+    "    {%- if messages[0]['role'] == 'system' %}\n"
+    "        {{- messages[0]['content'] }}\n"
+    "    {%- else %}\n"
+    "        {{- 'You are a helpful assistant.' }}\n"
+    "    {%- endif %}\n"
+    "    {{- \"\\n\\n# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\\n<tools>\" }}\n"
+    "    {%- for tool in tools %}\n"
+    "        {{- \"\\n\" }}\n"
+    "        {{- tool | tojson }}\n"
+    "    {%- endfor %}\n"
+    "    {{- \"\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments "
+    "within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{\\\"name\\\": <function-name>, "
+    "\\\"arguments\\\": <args-json-object>}\\n</tool_call><|im_end|>\\n\" }}\n"
+    "{%- else %}\n"
+    "    {%- if messages[0]['role'] == 'system' %}\n"
+    "        {{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}\n"
+    "    {%- else %}\n"
+    "        {{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}\n"
+    "    {%- endif %}\n"
+    "{%- endif %}\n"
+    "{%- for message in messages %}\n"
+    "    {%- if (message.role == \"user\") or (message.role == \"system\" and not loop.first) or "
+    "(message.role == \"assistant\" and not message.tool_calls) %}\n"
+    "        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}\n"
+    "    {%- elif message.role == \"assistant\" %}\n"
+    "        {{- '<|im_start|>' + message.role }}\n"
+    "        {%- if message.content %}\n"
+    "            {{- '\\n' + message.content }}\n"
+    "        {%- endif %}\n"
+    "        {%- for tool_call in message.tool_calls %}\n"
+    "            {%- if tool_call.function is defined %}\n"
+    "                {%- set tool_call = tool_call.function %}\n"
+    "            {%- endif %}\n"
+    "            {{- '\\n<tool_call>\\n{\"name\": \"' }}\n"
+    "            {{- tool_call.name }}\n"
+    "            {{- '\", \"arguments\": ' }}\n"
+    "            {{- tool_call.arguments | tojson }}\n"
+    "            {{- '}\\n</tool_call>' }}\n"
+    "        {%- endfor %}\n"
+    "        {{- '<|im_end|>\\n' }}\n"
+    "    {%- elif message.role == \"tool\" %}\n"
+    "        {%- if (loop.index0 == 0) or (messages[loop.index0 - 1].role != \"tool\") %}\n"
+    "            {{- '<|im_start|>user' }}\n"
+    "        {%- endif %}\n"
+    "        {{- '\\n<tool_response>\\n' }}\n"
+    "        {{- message.content }}\n"
+    "        {{- '\\n</tool_response>' }}\n"
+    "        {%- if loop.last or (messages[loop.index0 + 1].role != \"tool\") %}\n"
+    "            {{- '<|im_end|>\\n' }}\n"
+    "        {%- endif %}\n"
+    "    {%- endif %}\n"
+    "{%- endfor %}\n"
+    "{%- if add_generation_prompt %}\n"
+    "    {{- '<|im_start|>assistant\\n' }}\n"
+    "{%- endif %}\n"
 )
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# Added after training, like Qwen2.5's: non-special tokens that decode to their text (so they
+# show in decoded output) and are also spellable from ordinary BPE pieces.
+TOOL_CALL_TOKENS = ["<tool_call>", "</tool_call>"]
 
 SHAPES = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -73,7 +134,7 @@ def _copy_tokenizer(source: Path, out_dir: Path) -> tuple[int, int]:
 
 
 def _write_tokenizer(out_dir: Path, vocab_size: int) -> int:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -81,17 +142,22 @@ def _write_tokenizer(out_dir: Path, vocab_size: int) -> int:
     trainer = trainers.BpeTrainer(vocab_size=min(vocab_size, 400), special_tokens=SPECIAL_TOKENS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator([_CORPUS], trainer=trainer)
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in TOOL_CALL_TOKENS])
     tok.save(str(out_dir / "tokenizer.json"))
     ids = [tok.token_to_id(t) for t in SPECIAL_TOKENS]
+    tool_ids = [tok.token_to_id(t) for t in TOOL_CALL_TOKENS]
+    added = ([(i, t, True) for i, t in zip(ids, SPECIAL_TOKENS)]
+             + [(i, t, False) for i, t in zip(tool_ids, TOOL_CALL_TOKENS)])
     (out_dir / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast", "chat_template": CHATML_TEMPLATE,
         "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "bos_token": None,
         "model_max_length": 32768, "clean_up_tokenization_spaces": False,
-        "added_tokens_decoder": {str(i): {"content": t, "special": True, "lstrip": False, "rstrip": False,
+        "added_tokens_decoder": {str(i): {"content": t, "special": special, "lstrip": False, "rstrip": False,
                                           "normalized": False, "single_word": False}
-                                 for i, t in zip(ids, SPECIAL_TOKENS)},
+                                 for i, t, special in added},
     }, indent=2))
     assert ids == list(range(len(SPECIAL_TOKENS))), ids  # trainers put special tokens first
+    assert len(SPECIAL_TOKENS) <= min(tool_ids) and max(tool_ids) < vocab_size, tool_ids
     return len(SPECIAL_TOKENS)
 
 

@@ -28,6 +28,9 @@ class SyntheticGenerator:
         self.active += 1
         return uid, 0
 
+    def insert_many(self, requests: list[AddRequest]) -> list:
+        return [self.insert(r) for r in requests]
+
     def remove(self, uid: int, keep_prefix: bool = False) -> None:  # no prefix cache here
         if self._rows.pop(uid, None) is not None:
             self.active -= 1

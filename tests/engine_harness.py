@@ -47,6 +47,20 @@ def run(engine: Engine, prompt: list[int], max_tokens: int, **kwargs) -> tuple[l
     return tokens, stream.finished
 
 
+def run_detailed(engine: Engine, prompt: list[int], max_tokens: int, **kwargs):
+    """(tokens, per-token TokenLogprob list or None, Finished) of one request."""
+    request = AddRequest(f"r{next(_ids)}", prompt, max_tokens, **kwargs)
+    stream = engine.submit(request)
+    tokens: list[int] = []
+    logprobs: list = []
+    while stream.finished is None:
+        for message in stream.next_batch(timeout=60):
+            if isinstance(message, TokenDelta):
+                tokens.extend(message.token_ids)
+                logprobs.extend(message.logprobs or [])
+    return tokens, (logprobs if kwargs.get("logprobs") is not None else None), stream.finished
+
+
 def run_many(engine: Engine, prompts: list[list[int]], max_tokens: int, **kwargs):
     jobs = [gevent.spawn(run, engine, p, max_tokens, **kwargs) for p in prompts]
     gevent.joinall(jobs, raise_error=True)

@@ -18,6 +18,8 @@ KEY = "k"
 MAX_BODY = 65536
 LIMIT = 8192  # MAX_TOKENS_LIMIT's default
 CONTEXT = 1024  # the tiny Qwen2's context length
+TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
 
 
 # ---- raw HTTP ------------------------------------------------------------------------------
@@ -179,7 +181,8 @@ CASES = [
     case(Req(chat(presence_penalty=2.5)), 400, "presence-penalty-2.5", "invalid_value", "presence_penalty"),
     case(Req(chat(frequency_penalty=-3)), 400, "frequency-penalty-minus-3", "invalid_value", "frequency_penalty"),
     case(Req(chat(n=0)), 400, "n-zero", "invalid_value", "n"),
-    case(Req(chat(n=2)), 400, "n-two", "invalid_value", "n"),
+    case(Req(chat(n=129)), 400, "n-129", "invalid_value", "n"),
+    case(Req(chat(n=9)), 400, "n-over-max-n", "invalid_value", "n"),
     case(Req(chat(n=-1)), 400, "n-negative", "invalid_value", "n"),
     # -- stop -----------------------------------------------------------------------------
     case(Req(chat(stop=["a", "b", "c", "d", "e"])), 400, "stop-five-entries", "invalid_value"),
@@ -188,7 +191,10 @@ CASES = [
     case(Req(chat(stop=[""])), 400, "stop-list-with-empty-string", "invalid_value"),
     case(Req(chat(stop={"a": 1})), 400, "stop-object", "invalid_value"),
     # -- messages ---------------------------------------------------------------------------
-    case(Req(with_message(role="tool")), 400, "role-tool", "invalid_value", "messages.0.role"),
+    case(Req(with_message(role="tool")), 400, "role-tool-without-call-id", "invalid_value", "messages.0"),
+    case(Req(chat(messages=[{"role": "user", "content": "hi"}, {"role": "tool", "tool_call_id": "call_x",
+                                                                "content": "42"}])), 400,
+         "tool-message-answering-no-call", None, "messages.1.tool_call_id"),
     case(Req(with_message(role="root")), 400, "role-unknown", "invalid_value", "messages.0.role"),
     case(Req(with_message(role=None)), 400, "role-null", "invalid_value", "messages.0.role"),
     case(Req(with_message(content=...)), 400, "content-missing", "invalid_value", "messages.0"),
@@ -197,10 +203,11 @@ CASES = [
     case(Req(with_message(content={"text": "hi"})), 400, "content-object", "invalid_value"),
     case(Req(with_message(content=[])), 400, "content-empty-list", "invalid_value"),
     case(Req(with_message(content=[{"type": "image_url", "image_url": {"url": "file:///etc/passwd"}}])), 400,
-         "content-image-part", "invalid_value"),
+         "content-image-part", "unsupported_content", "messages.0.content"),
     case(Req(with_message(content=[{"type": "text"}])), 400, "content-text-part-without-text", "invalid_value"),
     case(Req(with_message(content=["hi"])), 400, "content-list-of-strings", "invalid_value"),
-    case(Req(with_message(tool_calls=[])), 400, "unknown-field-in-message", "invalid_value", "messages.0.tool_calls"),
+    case(Req(with_message(tool_calls=[])), 400, "tool-calls-on-a-user-message", "invalid_value", "messages.0"),
+    case(Req(with_message(colour="red")), 400, "unknown-field-in-message", "invalid_value", "messages.0.colour"),
     case(Req(with_message(name="x" * 300)), 400, "message-name-too-long", "invalid_value", "messages.0.name"),
     case(Req(chat(messages=...)), 400, "messages-missing", "invalid_value", "messages"),
     case(Req(chat(messages=[])), 400, "messages-empty", "invalid_value", "messages"),
@@ -235,14 +242,33 @@ CASES = [
     case(Req(chat(chat_template="{{ 'pwned' }}")), 400, "chat-template-field", "invalid_value", "chat_template"),
     case(Req(chat(chat_template_kwargs={"enable_thinking": True})), 400, "chat-template-kwargs-field",
          "invalid_value", "chat_template_kwargs"),
-    case(Req(chat(tools=[{"type": "function", "function": {"name": "f"}}])), 400, "tools-field",
-         "invalid_value", "tools"),
-    case(Req(chat(tool_choice="auto")), 400, "tool-choice-field", "invalid_value", "tool_choice"),
-    case(Req(chat(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {}}})), 400,
-         "response-format-json-schema", "invalid_value"),
-    case(Req(chat(response_format={"type": "json_object"})), 400, "response-format-json-object", "invalid_value"),
-    case(Req(chat(logprobs=True)), 400, "logprobs-true", "invalid_value", "logprobs"),
-    case(Req(chat(top_logprobs=5)), 400, "top-logprobs-field", "invalid_value", "top_logprobs"),
+    # -- tools, structured output, logprobs: wrong values keep their 400 with `param` -----------
+    case(Req(chat(tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "frobnicate"}}}])),
+         400, "tool-schema-invalid", "invalid_schema", "tools.0.function.parameters"),
+    case(Req(chat(tools=[{"type": "function", "function": {"name": "f b"}}])), 400, "tool-name-with-space",
+         "invalid_value"),
+    case(Req(chat(tools=[{"type": "code_interpreter"}])), 400, "tool-type-unknown", "invalid_value"),
+    case(Req(chat(tools=[TOOL], tool_choice={"type": "function", "function": {"name": "nope"}})), 400,
+         "tool-choice-unknown-name", None, "tool_choice"),
+    case(Req(chat(tool_choice="required")), 400, "tool-choice-required-without-tools", "invalid_value"),
+    case(Req(chat(tools=[TOOL], tool_choice="sometimes")), 400, "tool-choice-unknown", "invalid_value",
+         "tool_choice"),
+    case(Req(chat(tools=[{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {f"p{i}": {"type": "string", "description": "d" * 60} for i in range(900)}}}}])),
+         400, "tool-schema-over-64kb-in-a-small-body", "request_too_large"),
+    case(Req(chat(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 7}}})),
+         400, "response-format-schema-invalid", "invalid_schema", "response_format.json_schema.schema"),
+    case(Req(chat(response_format={"type": "json_schema"})), 400, "response-format-schema-missing",
+         "invalid_value", "response_format"),
+    case(Req(chat(response_format={"type": "yaml"})), 400, "response-format-unknown", "invalid_value"),
+    case(Req(chat(logprobs=True, top_logprobs=21)), 400, "top-logprobs-21", "invalid_value", "top_logprobs"),
+    case(Req(chat(top_logprobs=5)), 400, "top-logprobs-without-logprobs", "invalid_value", "top_logprobs"),
+    case(Req(chat(logit_bias={"abc": 1})), 400, "logit-bias-key-not-an-id", "invalid_value", "logit_bias"),
+    case(Req(chat(logit_bias={"5": 101})), 400, "logit-bias-over-100", "invalid_value", "logit_bias"),
+    case(Req(chat(top_k=-1)), 400, "top-k-negative", "invalid_value", "top_k"),
+    case(Req(chat(min_p=1.5)), 400, "min-p-1.5", "invalid_value", "min_p"),
+    case(Req(chat(repetition_penalty=0)), 400, "repetition-penalty-zero", "invalid_value", "repetition_penalty"),
+    case(Req(chat(modalities=["audio"])), 400, "modalities-audio", "invalid_value", "modalities"),
     case(Req(chat(unknown_field=1)), 400, "unknown-top-level-field", "invalid_value", "unknown_field"),
     case(Req(chat(user="u" * 300)), 400, "user-too-long", "invalid_value", "user"),
     # -- size -----------------------------------------------------------------------------

@@ -55,7 +55,7 @@ def test_bad_input_raises_the_right_openai_errors(client):
         client.chat.completions.create(model="smollm2-135m-instruct", messages=QUESTION, max_tokens=-5)
     assert info.value.body["param"] == "max_tokens"
     with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(model="smollm2-135m-instruct", messages=QUESTION, n=2)
+        client.chat.completions.create(model="smollm2-135m-instruct", messages=QUESTION, n=9)
     assert info.value.body["param"] == "n"
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(model="smollm2-135m-instruct", messages=QUESTION, max_tokens=9000)

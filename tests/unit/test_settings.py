@@ -38,7 +38,7 @@ def test_production_env_file_is_valid():
 
     from dotenv import dotenv_values
 
-    values = dotenv_values(Path(__file__).resolve().parents[1] / ".env.production")
+    values = dotenv_values(Path(__file__).resolve().parents[2] / ".env.production")
     s = load_settings(values, dotenv=False)
     assert s.model.startswith("mlx-community/Qwen2.5")
 

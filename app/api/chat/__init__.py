@@ -1,0 +1,1 @@
+"""OpenAI chat completions: request models and the serving edge over the generation core."""

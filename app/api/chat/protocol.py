@@ -1,0 +1,234 @@
+"""Request models of OpenAI's chat completions, validated strictly (wrong types are errors, not coerced).
+
+Each request converts itself into engine parameters; nothing else reads raw JSON. Fields the
+API documents but that mean nothing on a local server (store, metadata, service_tier,
+prediction, user, ...) are accepted and ignored; README_PRODUCTION lists them.
+"""
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from engine.sampling import SamplingParams
+
+MAX_STOP_SEQUENCES = 4
+MAX_TOOLS = 128
+FUNCTION_NAME = r"^[a-zA-Z0-9_-]{1,64}$"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class MediaPart(BaseModel):
+    """An image, audio or file part: accepted by the parser so the answer can name the
+    problem (this model reads text only) instead of a schema error."""
+
+    model_config = ConfigDict(extra="allow")
+    type: Literal["image_url", "input_audio", "file"]
+
+
+ContentParts = Annotated[list[Union[TextPart, MediaPart]], Field(min_length=1)]
+
+
+class FunctionCall(_Strict):
+    name: Annotated[str, Field(min_length=1, max_length=64)]
+    arguments: str
+
+
+class ToolCall(_Strict):
+    id: Annotated[str, Field(min_length=1, max_length=256)]
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ChatMessage(_Strict):
+    # The OpenAPI document states what the validator below enforces.
+    model_config = ConfigDict(json_schema_extra={
+        "if": {"properties": {"role": {"const": "assistant"}}},
+        "else": {"required": ["content"], "properties": {"content": {"not": {"type": "null"}}}}})
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Union[str, ContentParts, None] = None
+    name: Optional[Annotated[str, Field(max_length=256)]] = None
+    tool_calls: Optional[Annotated[list[ToolCall], Field(max_length=MAX_TOOLS)]] = None  # assistant
+    tool_call_id: Optional[Annotated[str, Field(min_length=1, max_length=256)]] = None  # tool
+    refusal: Optional[str] = None  # assistant; ignored
+
+    @model_validator(mode="after")
+    def _shape(self):
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"a {self.role} message needs content")
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        if (self.tool_call_id is None) == (self.role == "tool"):
+            raise ValueError("a tool message needs tool_call_id, and only a tool message has one")
+        return self
+
+    def media(self) -> Optional[str]:
+        """The type of the first non-text part, if any."""
+        if isinstance(self.content, list):
+            return next((p.type for p in self.content if isinstance(p, MediaPart)), None)
+        return None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content if isinstance(part, TextPart))
+
+
+class FunctionDefinition(_Strict):
+    name: Annotated[str, Field(pattern=FUNCTION_NAME)]
+    description: Optional[str] = None
+    parameters: Optional[dict[str, Any]] = None
+    strict: Optional[bool] = None
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Strict):
+    name: Annotated[str, Field(min_length=1, max_length=64)]
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+    include_obfuscation: Optional[bool] = None  # OpenAI's padding against length side channels: not needed locally
+
+
+class JSONSchemaFormat(_Strict):
+    name: Annotated[str, Field(pattern=FUNCTION_NAME)]
+    description: Optional[str] = None
+    schema_: Optional[dict[str, Any]] = Field(default=None, alias="schema")
+    strict: Optional[bool] = None
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[JSONSchemaFormat] = None
+
+    @model_validator(mode="after")
+    def _schema_when_asked(self):
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is required with type 'json_schema', and only then")
+        return self
+
+
+TokenBias = Annotated[float, Field(ge=-100.0, le=100.0)]
+
+
+class ChatCompletionRequest(_Strict):
+    # The OpenAPI document states what _options_need_stream enforces.
+    model_config = ConfigDict(json_schema_extra={
+        "if": {"required": ["stream_options"], "properties": {"stream_options": {"type": "object"}}},
+        "then": {"required": ["stream"], "properties": {"stream": {"const": True}}}})
+
+    model: Annotated[str, Field(min_length=1, max_length=256)]
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=4096)]
+    max_tokens: Optional[Annotated[int, Field(ge=1)]] = None
+    max_completion_tokens: Optional[Annotated[int, Field(ge=1)]] = None
+    temperature: Optional[Annotated[float, Field(ge=0.0, le=2.0)]] = None
+    top_p: Optional[Annotated[float, Field(gt=0.0, le=1.0)]] = None
+    stop: Union[Annotated[str, Field(min_length=1)], Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=MAX_STOP_SEQUENCES)], None] = None
+    seed: Optional[Annotated[int, Field(ge=-(2**63), le=2**64 - 1)]] = None
+    presence_penalty: Optional[Annotated[float, Field(ge=-2.0, le=2.0)]] = None
+    frequency_penalty: Optional[Annotated[float, Field(ge=-2.0, le=2.0)]] = None
+    logit_bias: Optional[Annotated[dict[Annotated[str, Field(pattern=r"^[0-9]{1,9}$")], TokenBias], Field(max_length=1024)]] = None
+    n: Optional[Annotated[int, Field(ge=1, le=128)]] = None
+    stream: Optional[bool] = False
+    stream_options: Optional[StreamOptions] = None
+    logprobs: Optional[bool] = None
+    top_logprobs: Optional[Annotated[int, Field(ge=0, le=20)]] = None
+    response_format: Optional[ResponseFormat] = None
+    tools: Optional[Annotated[list[Tool], Field(max_length=MAX_TOOLS)]] = None
+    tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
+    parallel_tool_calls: Optional[bool] = None
+    # Extensions most local servers accept (vLLM, llama.cpp, mlx_lm.server).
+    top_k: Optional[Annotated[int, Field(ge=0, le=1_000_000)]] = None
+    min_p: Optional[Annotated[float, Field(ge=0.0, le=1.0)]] = None
+    repetition_penalty: Optional[Annotated[float, Field(gt=0.0, le=2.0)]] = None
+    # Extension (as in vLLM): keep generating through EOS, so benchmarks do fixed work.
+    ignore_eos: bool = False
+    # Accepted and ignored: meaningless on a local server (listed in README_PRODUCTION).
+    user: Optional[Annotated[str, Field(max_length=256)]] = None
+    store: Optional[bool] = None
+    metadata: Optional[Annotated[dict[str, Annotated[str, Field(max_length=512)]], Field(max_length=16)]] = None
+    service_tier: Optional[Literal["auto", "default", "flex", "scale", "priority"]] = None
+    prediction: Optional[dict[str, Any]] = None
+    modalities: Optional[list[Literal["text"]]] = None
+    reasoning_effort: Optional[Literal["none", "minimal", "low", "medium", "high"]] = None
+    verbosity: Optional[Literal["low", "medium", "high"]] = None
+    prompt_cache_key: Optional[Annotated[str, Field(max_length=256)]] = None
+    safety_identifier: Optional[Annotated[str, Field(max_length=256)]] = None
+
+    @field_validator("stream_options")
+    @classmethod
+    def _options_need_stream(cls, value, info):
+        if value is not None and not info.data.get("stream"):
+            raise ValueError("stream_options is only allowed when stream is true")
+        return value
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_needs_logprobs(cls, value, info):
+        if value and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs set to true")
+        return value
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _tool_choice_needs_tools(cls, value, info):
+        if value not in (None, "none", "auto") and not info.data.get("tools"):
+            raise ValueError("tool_choice 'required' or a named function needs tools")
+        return value
+
+    @property
+    def stop_strings(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    @property
+    def requested_max_tokens(self) -> Optional[int]:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def logprobs_k(self) -> Optional[int]:
+        """None: no logprobs; else how many alternatives per token."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    def sampling_params(self) -> SamplingParams:
+        return SamplingParams(
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=self.top_k or 0,
+            min_p=self.min_p or 0.0,
+            seed=None if self.seed is None else self.seed % (2**32),
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            repetition_penalty=self.repetition_penalty or 1.0,
+            logit_bias=tuple(sorted((int(k), float(v)) for k, v in (self.logit_bias or {}).items())),
+        )
+
+    def tool_definitions(self) -> list[dict]:
+        """Tools in the shape chat templates expect ({"type": "function", "function": {...}})."""
+        return [t.model_dump(exclude_none=True) for t in self.tools or []]

@@ -1,0 +1,1 @@
+"""Generation shared by every API edge: the request, its output constraints (grammars), the events it yields."""

@@ -1,0 +1,1 @@
+"""Text-level processing of model output and prompts (no Flask, no MLX)."""

@@ -63,8 +63,10 @@ class Constraints:
                 if not chosen:
                     raise bad_request(f"tool_choice names the function {spec.tool_name!r}, which is not among the "
                                       f"tools", param="tool_choice")
-            grammar = _build(grammars.tool_call_grammar, spec.tools_param, self._parser_name, chosen, spec.parallel)
-            return Plan(self._checked(grammar, spec.tools_param), parser, spec.parallel)
+            # A named function is one call of that function; "required" may call several when parallel.
+            parallel = spec.parallel and spec.tool_choice == "required"
+            grammar = _build(grammars.tool_call_grammar, spec.tools_param, self._parser_name, chosen, parallel)
+            return Plan(self._checked(grammar, spec.tools_param), parser, parallel)
         if spec.json_mode == "object":
             return Plan(self._checked(grammars.json_object_grammar(), spec.format_param), parser, spec.parallel)
         if spec.json_mode == "schema":

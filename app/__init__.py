@@ -25,6 +25,8 @@ def create_app(settings: Optional[Settings] = None, engine=None) -> Flask:
     request_log.install(app)
     auth.install(app, auth.KeyRing(settings.keys()), metrics_open=not settings.metrics_require_key)
     app.register_blueprint(api)
+    for blueprint in _api_blueprints():
+        app.register_blueprint(blueprint)
     app.register_blueprint(console)
     orchard = Orchard.start(settings, engine)
     app.extensions["orchard"] = orchard
@@ -36,3 +38,17 @@ def create_app(settings: Optional[Settings] = None, engine=None) -> Flask:
         return response
 
     return app
+
+
+def _api_blueprints() -> list:
+    """One blueprint per API package beside chat (app/api/<name>/route.py)."""
+    import importlib
+
+    found = []
+    for name in ("completions", "responses", "messages"):
+        try:
+            found.append(importlib.import_module(f"app.api.{name}.route").blueprint)
+        except ModuleNotFoundError as exc:  # TEMPORARY while the packages are written
+            if not (exc.name or "").startswith(f"app.api.{name}"):
+                raise
+    return found

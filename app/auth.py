@@ -1,4 +1,5 @@
-"""Bearer-key authentication for every route but the open ones.
+"""API-key authentication for every route but the open ones: `Authorization: Bearer <key>`
+(OpenAI's clients) or `x-api-key: <key>` (Anthropic's).
 
 The decision uses the endpoint Flask routed to, never the raw path, so `//v1/..`,
 `/v1/../v1/..`, percent-encoding, trailing slashes or a hostile Host header cannot
@@ -46,10 +47,12 @@ def install(app: Flask, keys: KeyRing, metrics_open: bool) -> None:
             return None
         header = request.headers.get("Authorization", "")
         scheme, _, token = header.partition(" ")
-        client = keys.identify(token.strip()) if scheme.lower() == "bearer" and token.strip() else None
+        presented = token.strip() if scheme.lower() == "bearer" else ""
+        presented = presented or request.headers.get("x-api-key", "").strip()  # Anthropic's clients
+        client = keys.identify(presented) if presented else None
         if client is None:
-            message = ("Missing API key: send 'Authorization: Bearer <key>'" if not header
-                       else "Incorrect API key provided")
+            message = ("Missing API key: send 'Authorization: Bearer <key>' or 'x-api-key: <key>'"
+                       if not (header or request.headers.get("x-api-key")) else "Incorrect API key provided")
             raise APIError(401, message, type="authentication_error", code="invalid_api_key",
                            headers={"WWW-Authenticate": 'Bearer realm="orchard"'})
         g.client_id = client

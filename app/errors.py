@@ -52,11 +52,32 @@ _HTTP_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_f
 _HTTP_CODES = {405: "method_not_allowed", 413: "request_too_large"}
 
 
+# Anthropic's error types by HTTP status; its clients read {"type": "error", "error": {type, message}}.
+_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                    404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
+                    500: "api_error", 502: "api_error", 503: "overloaded_error", 504: "api_error"}
+ANTHROPIC_PREFIX = "/v1/messages"
+
+
+def anthropic_body(error: APIError) -> dict:
+    kind = _ANTHROPIC_TYPES.get(error.status, "invalid_request_error" if error.status < 500 else "api_error")
+    return {"type": "error", "error": {"type": kind, "message": error.message}}
+
+
 def response(error: APIError) -> Response:
-    resp = Response(json.dumps(error.body()), status=error.status, mimetype="application/json")
+    """The envelope of the API the client speaks: Anthropic's under /v1/messages, else OpenAI's."""
+    anthropic = request.path.startswith(ANTHROPIC_PREFIX) if _has_request() else False
+    body = anthropic_body(error) if anthropic else error.body()
+    resp = Response(json.dumps(body), status=error.status, mimetype="application/json")
     for key, value in error.headers.items():
         resp.headers[key] = value
     return resp
+
+
+def _has_request() -> bool:
+    from flask import has_request_context
+
+    return has_request_context()
 
 
 def install(app: Flask) -> None:

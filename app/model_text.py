@@ -67,8 +67,12 @@ class ModelText:
         return ids
 
     def token_bytes(self, token: int) -> bytes:
-        """A token's bytes as the model produced them (logprobs report these)."""
+        """A token's bytes as logprobs report them: its text, or a special token's name (which
+        the answer's text leaves out)."""
         if self.table is not None:
             pieces = self.table.pieces
-            return pieces[token] if token < len(pieces) else b""
-        return self.hf_tokenizer.decode([token]).encode("utf-8")
+            piece = pieces[token] if token < len(pieces) else b""
+            if piece:
+                return piece
+        name = self.hf_tokenizer.convert_ids_to_tokens(token)
+        return (name or "").encode("utf-8") if self.table is not None else self.hf_tokenizer.decode([token]).encode()

@@ -1,10 +1,10 @@
 """HTTP routes: parse, call a service, shape the response. Nothing else lives here."""
 from __future__ import annotations
 
-from flask import Blueprint, Response, current_app, g, jsonify, request, stream_with_context
-from werkzeug.exceptions import RequestEntityTooLarge
+from flask import Blueprint, Response, current_app, g, jsonify, request
 
 from app.errors import APIError
+from app.http import json_body, sse_response
 from app.metrics import CONTENT_TYPE
 from app.api.chat.protocol import ChatCompletionRequest
 
@@ -39,36 +39,16 @@ def model_detail(model_id: str):
     return jsonify(id=model.model_id, object="model", created=model.created, owned_by="orchard")
 
 
-def _json_body() -> bytes:
-    """The body of a JSON request, at most MAX_BODY_BYTES.
-
-    Only a JSON content type is accepted: a browser page can send text/plain, form or
-    multipart bodies cross-site without a CORS preflight, and must not drive the server.
-    Werkzeug refuses a Content-Length over the limit, but cuts a chunked body at the
-    limit without a word; a byte past the limit is 413, not a truncated JSON document."""
-    if not request.is_json:
-        raise APIError(415, f"Unsupported Content-Type {request.mimetype[:100] or '(none)'!r}: send "
-                            f"'Content-Type: application/json'", code="unsupported_media_type")
-    data = request.get_data(cache=False)
-    limit = request.max_content_length
-    if (request.content_length is None and limit is not None and len(data) >= limit
-            and request.environ["wsgi.input"].read(1)):
-        raise RequestEntityTooLarge()
-    return data
-
-
 @api.post("/v1/chat/completions")
 def chat_completions():
     orchard = _orchard()
     orchard.refuse_if_draining()
-    body = ChatCompletionRequest.model_validate_json(_json_body() or b"null")
+    body = ChatCompletionRequest.model_validate_json(json_body() or b"null")
     chat = orchard.require_ready()
     prepared = chat.prepare(body, g.client_id, g.request_id)
     if not body.stream:
         return jsonify(chat.complete(prepared, request.environ))
-    return Response(stream_with_context(chat.stream(prepared, body.include_usage, request.environ)),
-                    mimetype="text/event-stream",
-                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return sse_response(chat.stream(prepared, body.include_usage, request.environ))
 
 
 @api.get("/v1/system/status")

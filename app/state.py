@@ -30,6 +30,10 @@ log = logging.getLogger("orchard.worker")
 STALL_S = 30.0  # engine loop silent this long while it has work: unhealthy
 WATCHDOG_PERIOD_S = 1.0
 EXIT_CODE_ENGINE_DEAD = 70
+# Every API's serving class takes (GenerationContext, Settings, Admission, Constraints).
+SERVINGS = {"completions": "app.api.completions.serving:CompletionsServing",
+            "responses": "app.api.responses.serving:ResponsesServing",
+            "messages": "app.api.messages.serving:MessagesServing"}
 
 
 class Orchard:
@@ -43,6 +47,7 @@ class Orchard:
         self.draining = False
         self._drainer = None  # the greenlet running _drain, once SIGTERM arrived
         self._chat: Optional[ChatServing] = None
+        self._servings: dict[str, object] = {}
 
     @classmethod
     def start(cls, settings: Settings, engine: Optional[Engine] = None) -> "Orchard":
@@ -86,6 +91,20 @@ class Orchard:
             self._chat = ChatServing(ctx, self.settings, Admission(self.engine, self.settings, self.limiter),
                                      Constraints(text, self.settings.tool_parser))
         return self._chat
+
+    def serving(self, api: str):
+        """The serving object of one API (`chat`, `completions`, `responses`, `messages`), built on
+        the first request once the model is ready; all share one GenerationContext."""
+        chat = self.require_ready()
+        if api == "chat":
+            return chat
+        if api not in self._servings:
+            module, name = SERVINGS[api].split(":")
+            import importlib
+
+            cls = getattr(importlib.import_module(module), name)
+            self._servings[api] = cls(chat.ctx, self.settings, chat.admission, chat.constraints)
+        return self._servings[api]
 
     def refuse_if_draining(self) -> None:
         if self.draining:

@@ -41,6 +41,8 @@ class Settings:
     request_queue_size: int = _spec("REQUEST_QUEUE_SIZE", "requests that may wait for a batch slot", min=0, max=100000)
     max_tokens_limit: int = _spec("MAX_TOKENS_LIMIT", "largest max_tokens a request may ask for", min=1, max=1_000_000)
     default_max_tokens: int = _spec("DEFAULT_MAX_TOKENS", "max_tokens when a request gives none", min=1, max=1_000_000)
+    model_aliases: str = _spec("MODEL_ALIASES", "comma-separated names or glob patterns (e.g. claude-*) that clients "
+                                                "may use for the served model; from the operator only")
     max_n: int = _spec("MAX_N", "largest `n` (choices per request) a request may ask for", min=1, max=128)
     tool_parser: str = _spec("TOOL_PARSER", "tool-call format: auto (from the chat template), hermes or llama3_json")
     prefill_step_size: int = _spec("PREFILL_STEP_SIZE", "prompt tokens processed per engine step (smaller keeps decode smooth)", min=16, max=65536)
@@ -89,6 +91,9 @@ class Settings:
             return None
         return parse_size("PREFIX_CACHE_BYTES", self.prefix_cache_bytes)
 
+    def aliases(self) -> tuple[str, ...]:
+        return tuple(a.strip() for a in self.model_aliases.split(",") if a.strip())
+
     def keys(self) -> tuple[str, ...]:
         """API keys from API_KEYS and API_KEYS_FILE (blank lines and # comments ignored)."""
         keys = [k.strip() for k in self.api_keys.split(",") if k.strip()]
@@ -127,6 +132,7 @@ DEFAULTS: dict[str, str] = {
     "MAX_TOKENS_LIMIT": "8192",
     "DEFAULT_MAX_TOKENS": "512",
     "MAX_N": "8",
+    "MODEL_ALIASES": "",
     "TOOL_PARSER": "auto",
     "PREFILL_STEP_SIZE": "512",
     "PREFILL_BATCH_SIZE": "8",

@@ -21,7 +21,7 @@ from gevent import monkey
 
 from engine.bridge import OutputBridge, RequestStream
 from engine.messages import (AbortAll, AbortRequest, AddGroup, AddRequest, Admitted, Finished, InjectFault,
-                             Shutdown, TokenDelta)
+                             PromptLogprobs, Shutdown, TokenDelta)
 from engine.model import LoadedModel
 from engine.scheduler import Scheduler, Sequence
 
@@ -75,6 +75,7 @@ class Engine:
                                     max_wait_steps=admission_wait_steps)
         self._bridge: Optional[OutputBridge] = None
         self._generator = None
+        self._scorer = None  # engine.prompt_scorer.PromptScorer once the model is loaded
         self.model: Optional[LoadedModel] = None
         self.state = EngineState.LOADING
         self.error: Optional[str] = None
@@ -160,6 +161,10 @@ class Engine:
             self.model = model
             self._configure_memory()
             self._generator = self._generator_factory(self.model, self._scheduler.max_running)
+            if hasattr(self._generator, "keep_prefix"):  # a real model (not the synthetic generator)
+                from engine.prompt_scorer import PromptScorer
+
+                self._scorer = PromptScorer(self.model.model)
             self._sample_memory()
             self.state = EngineState.READY
             log.info("engine ready: %s", self.model.model_id)
@@ -169,10 +174,12 @@ class Engine:
             log.error("%s\n%s", self.error, traceback.format_exc())
             return
         try:
-            while self._drain_inbox(block=not self._scheduler.has_work):
+            while self._drain_inbox(block=not (self._scheduler.has_work or self._scoring)):
                 self._admit()
                 if self._scheduler.running:
                     self._step()
+                if self._scoring:
+                    self._score()
             self.state = EngineState.STOPPED
             self._end_inbox("the server is shutting down")
         except BaseException as exc:
@@ -204,10 +211,10 @@ class Engine:
                 continue
             block = False
             if isinstance(message, AddRequest):
-                self._scheduler.add(message)
+                self._accept(message)
             elif isinstance(message, AddGroup):
                 for request in message.requests:
-                    self._scheduler.add(request)
+                    self._accept(request)
             elif isinstance(message, AbortRequest):
                 self._abort(message)
             elif isinstance(message, AbortAll):
@@ -217,6 +224,42 @@ class Engine:
                 return False
             elif isinstance(message, InjectFault):
                 self._inject(message.kind)
+
+    @property
+    def _scoring(self) -> bool:
+        return bool(self._scorer is not None and len(self._scorer))
+
+    def _accept(self, request: AddRequest) -> None:
+        """Requests that want prompt log-probabilities are scored before they queue for a slot."""
+        if request.prompt_logprobs is None:
+            self._scheduler.add(request)
+        elif self._scorer is None:
+            self._publish([(request.request_id, _gone("prompt logprobs need a real model"))])
+        else:
+            self._scorer.add(request)
+
+    def _score(self) -> None:
+        """One chunk of prompt scoring per loop iteration, beside the batch's step."""
+        self.stats.last_beat = time.monotonic()
+        head = self._scorer.head  # the request this chunk belongs to
+        try:
+            result = self._scorer.step()
+        except Exception as exc:  # a bad prompt fails alone
+            self._scorer.remove(head.request_id)
+            self._publish([(head.request_id, _error(exc))])
+            return
+        job, finished = result
+        if not finished:
+            return
+        request = job.request
+        self._generator.keep_prefix(request.prompt_tokens, job.cache, request.cache_scope)
+        out = [(request.request_id, PromptLogprobs(job.entries))]
+        if request.max_tokens == 0:  # echo only: the prompt was the answer
+            self.stats.requests_finished += 1
+            out.append((request.request_id, Finished("length", len(request.prompt_tokens), 0)))
+        else:
+            self._scheduler.add(request)
+        self._publish(out)
 
     def _admit(self) -> None:
         admitted = []
@@ -294,6 +337,11 @@ class Engine:
         s.mlx_cache_bytes = mx.get_cache_memory()
 
     def _abort(self, message: AbortRequest) -> None:
+        if self._scorer is not None:
+            scored = self._scorer.remove(message.request_id)
+            if scored is not None:
+                self._publish([(scored.request_id, Finished(message.reason, len(scored.prompt_tokens), 0))])
+                return
         where, sequence = self._scheduler.find(message.request_id)
         if where == "waiting":
             self._scheduler.drop_waiting(sequence)
@@ -343,6 +391,9 @@ class Engine:
         self._scheduler.waiting.clear()
         ended = [(s.request_id, Finished(finish_reason, len(s.request.prompt_tokens), s.completion_tokens,
                                          error=why, error_type="server_error")) for s in sequences]
+        if self._scorer is not None:
+            ended += [(r.request_id, Finished(finish_reason, len(r.prompt_tokens), 0, error=why,
+                                              error_type="server_error")) for r in self._scorer.drain()]
         if ended and self._bridge is not None:
             self._publish(ended)
 

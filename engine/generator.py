@@ -194,6 +194,11 @@ class Generator:
             out[r.uid] = TokenLogprob(lp, tuple(ranked[:self._logprobs[r.uid]]))
         return out
 
+    def keep_prefix(self, tokens: list[int], layers: list, scope: str = "") -> None:
+        """Offer KV state computed outside the batch (a scored prompt) to the prefix cache."""
+        if self.prefix_cache.capacity > 0:
+            self._keep([(tokens, layers, scope)])
+
     def limit_prefix_cache(self, limit: int) -> None:
         """Shrink the prefix cache to what the KV budget leaves free (engine's decision)."""
         self.prefix_cache.trim_to(limit)

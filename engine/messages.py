@@ -1,7 +1,8 @@
 """Typed messages that cross the boundary between request greenlets and the engine thread.
 
 Inbox (greenlet -> engine): AddRequest, AddGroup, AbortRequest, AbortAll, Shutdown, InjectFault.
-Outbox (engine -> greenlet): Admitted, TokenDelta per step (with logprobs when asked), then exactly one Finished.
+Outbox (engine -> greenlet): PromptLogprobs (when asked), Admitted, TokenDelta per step (with logprobs
+when asked), then exactly one Finished.
 Exceptions never cross as raises: they become Finished(error=...).
 """
 from __future__ import annotations
@@ -28,6 +29,8 @@ class AddRequest:
     logprobs: Optional[int] = None
     # An llguidance grammar (JSON text) the output must match; built into a mask on the engine thread.
     grammar: Optional[str] = None
+    # None: no prompt log-probabilities; k >= 0: score every prompt token first (k alternatives).
+    prompt_logprobs: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,13 @@ class TokenLogprob:
 
     logprob: float
     top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class PromptLogprobs:
+    """Log-probabilities of the prompt's tokens (the first is None: nothing precedes it)."""
+
+    entries: list
 
 
 @dataclass

@@ -136,3 +136,38 @@ def test_a_bad_grammar_fails_its_request_alone(engine, prompts):
     gevent.joinall(jobs, raise_error=True)
     assert jobs[0].value[1].finish_reason == "length"
     assert jobs[1].value[1].finish_reason == "error"
+
+
+def _messages(stream) -> list:
+    out = []
+    while stream.finished is None:
+        out += stream.next_batch(timeout=60)
+    return out
+
+
+def test_prompt_logprobs_are_computed_in_chunks_and_equal_a_direct_forward_pass(engine, prompts):
+    from engine.messages import PromptLogprobs
+    from engine.prompt_scorer import CHUNK
+
+    prompt = (prompts[4] * 60)[:CHUNK * 2 + 37]  # three chunks
+    neighbour = engine.submit(AddRequest("beside-scoring", prompts[0], 30, GREEDY, ignore_eos=True))
+    messages = _messages(engine.submit(AddRequest("score-only", prompt, 0, GREEDY, prompt_logprobs=3)))
+    (scored,) = [m for m in messages if isinstance(m, PromptLogprobs)]
+    assert messages[-1].finish_reason == "length" and messages[-1].completion_tokens == 0
+    entries = scored.entries
+    assert entries[0] is None and len(entries) == len(prompt)
+    direct = _direct_logprobs(engine, prompt[:1], prompt[1:])
+    mx.eval(direct)
+    for i in range(1, len(prompt)):
+        row = direct[i - 1]
+        assert abs(entries[i].logprob - row[prompt[i]].item()) < 1e-4
+        assert [t for t, _ in entries[i].top] == sorted(range(row.shape[0]), key=lambda t: -row[t].item())[:3]
+    assert _collect(neighbour) == run(engine, prompts[0], 30, sampling=GREEDY, ignore_eos=True)[0]
+
+
+def test_a_scored_prompt_then_generates_as_it_would_without_scoring(engine, prompts):
+    plain = run(engine, prompts[5], 6, sampling=GREEDY, ignore_eos=True)[0]
+    messages = _messages(engine.submit(AddRequest("score-then-go", prompts[5], 6, GREEDY, ignore_eos=True,
+                                                  prompt_logprobs=0)))
+    tokens = [t for m in messages if isinstance(m, TokenDelta) for t in m.token_ids]
+    assert tokens == plain

@@ -2,6 +2,7 @@
 KV-cache memory, queue capacity and the per-key token budget."""
 from __future__ import annotations
 
+import fnmatch
 from typing import Optional
 
 from app.errors import APIError, bad_request, overloaded
@@ -15,6 +16,15 @@ class Admission:
         self._engine = engine
         self._settings = settings
         self._limiter = limiter
+
+    def resolve_model(self, name: str, param: str = "model") -> str:
+        """The served model's id for a requested name: its id, or an operator-set alias (glob
+        patterns such as `claude-*` allowed). Anything else is a 404; a request never loads a path."""
+        served = self._engine.model.model_id
+        if name == served or any(fnmatch.fnmatchcase(name, alias) for alias in self._settings.aliases()):
+            return served
+        raise APIError(404, f"The model '{name}' does not exist; this server serves '{served}'",
+                       type="not_found_error", param=param, code="model_not_found")
 
     def max_tokens(self, asked: Optional[int], param: str, prompt_len: int, prompt_param: str = "messages") -> int:
         """The completion budget: what was asked, checked against the limit and the context."""

@@ -27,7 +27,7 @@ class TopLogprob:
 class LogprobEntry:
     token: str
     bytes: list[int]
-    logprob: float
+    logprob: Optional[float]  # None only for a prompt's first token
     top: list[TopLogprob] = field(default_factory=list)
 
 
@@ -45,6 +45,14 @@ class ToolCallEvent:
 
 
 @dataclass(frozen=True)
+class PromptScored:
+    """Log-probabilities of choice `index`'s prompt tokens (the first entry is None)."""
+
+    index: int
+    entries: list[LogprobEntry]
+
+
+@dataclass(frozen=True)
 class ChoiceDone:
     index: int
     reason: FinishReason
@@ -53,4 +61,4 @@ class ChoiceDone:
     error: Optional[str] = None
 
 
-Event = TextDelta | ToolCallEvent | ChoiceDone
+Event = TextDelta | ToolCallEvent | PromptScored | ChoiceDone

@@ -12,14 +12,15 @@ from gevent.event import Event as GeventEvent
 
 from app import disconnect
 from app.errors import overloaded
-from app.generation.events import ChoiceDone, Event, FinishReason, LogprobEntry, TextDelta, ToolCallEvent, TopLogprob
+from app.generation.events import (ChoiceDone, Event, FinishReason, LogprobEntry, PromptScored, TextDelta,
+                                   ToolCallEvent, TopLogprob)
 from app.generation.request import GenerationRequest
 from app.metrics import Metrics
 from app.output import TextAssembler
 from app.request_log import log_completion
 from engine.detokenizer import Detokenizer
 from engine.engine import Engine
-from engine.messages import AddRequest, Admitted, Finished, TokenDelta, TokenLogprob
+from engine.messages import AddRequest, Admitted, Finished, PromptLogprobs, TokenDelta, TokenLogprob
 
 KEEPALIVE_S = 5.0
 _ENGINE_REASONS = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH, "abort": FinishReason.ABORT}
@@ -74,12 +75,16 @@ class Choice:
         return events + [ToolCallEvent(self.index, call) for call in calls]
 
     def _logprobs(self, delta: TokenDelta) -> list[LogprobEntry]:
-        piece = self._text.token_bytes
-        out = []
-        for token, lp in zip(delta.token_ids, delta.logprobs):
-            data = piece(token)
-            out.append(LogprobEntry(data.decode("utf-8", "replace"), list(data), lp.logprob, _top(lp, piece)))
-        return out
+        return [self.entry(token, lp) for token, lp in zip(delta.token_ids, delta.logprobs)]
+
+    def entry(self, token: int, lp: TokenLogprob) -> LogprobEntry:
+        data = self._text.token_bytes(token)
+        return LogprobEntry(data.decode("utf-8", "replace"), list(data), lp.logprob, _top(lp, self._text.token_bytes))
+
+    def scored(self, prompt: list[int], message: PromptLogprobs) -> PromptScored:
+        """The first token has no logprob (nothing precedes it): logprob None, no alternatives."""
+        return PromptScored(self.index, [self.entry(token, lp or TokenLogprob(None))
+                                         for token, lp in zip(prompt, message.entries)])
 
 
 def _top(lp: TokenLogprob, piece) -> list[TopLogprob]:
@@ -95,17 +100,20 @@ class Generation:
         self._ready = GeventEvent()
         self.admitted = False
         self.cached_tokens = 0  # prompt tokens the engine's prefix cache supplied (first choice)
-        self.choices = [Choice(i, ctx, request) for i in range(request.n)]
+        self.choices = [Choice(i, ctx, request) for i in range(request.choices)]
         self._arrived = time.perf_counter()
-        self._streams = ctx.engine.submit_group([self._engine_request(i) for i in range(request.n)], self._ready)
+        self._streams = ctx.engine.submit_group([self._engine_request(i) for i in range(request.choices)],
+                                                self._ready)
         self._watcher = disconnect.watch(environ, self.abort)
         self._closed = False
 
     def _engine_request(self, index: int) -> AddRequest:
         r = self.request
-        sampling = r.sampling if index == 0 else r.sampling.with_seed(r.choice_seed(index))
-        return AddRequest(f"{r.id}/{index}", r.prompt_tokens, r.max_tokens, sampling, ignore_eos=r.ignore_eos,
-                          cache_scope=r.cache_scope, logprobs=r.logprobs, grammar=r.grammar)
+        sampling = r.sampling if index % r.n == 0 else r.sampling.with_seed(r.choice_seed(index))
+        scored = r.prompt_logprobs if index % r.n == 0 else None  # once per prompt; the serving copies it
+        return AddRequest(f"{r.id}/{index}", r.prompt_of(index), r.max_tokens, sampling, ignore_eos=r.ignore_eos,
+                          cache_scope=r.cache_scope, logprobs=r.logprobs, grammar=r.grammar,
+                          prompt_logprobs=scored)
 
     @property
     def finished(self) -> bool:
@@ -140,12 +148,14 @@ class Generation:
             yield from choice.tokens(message)
             if choice.assembler.stopped:  # a stop string: end this choice now; the engine is told
                 self._ctx.engine.abort(f"{self.request.id}/{choice.index}")
-                yield from choice.finish(Finished("stop", len(self.request.prompt_tokens), choice.assembler.tokens))
+                yield from choice.finish(Finished("stop", 0, choice.assembler.tokens))
         elif isinstance(message, Admitted):
             if not self.admitted:
                 self.admitted = True
                 self.cached_tokens = message.cached_tokens
                 choice.timer.admitted()
+        elif isinstance(message, PromptLogprobs):
+            yield choice.scored(self.request.prompt_of(choice.index), message)
         elif isinstance(message, Finished):
             yield from choice.finish(message)
         if self.finished:
@@ -171,7 +181,7 @@ class Generation:
 
     def _log(self) -> None:
         reason = self.overall_reason().value
-        prompt = len(self.request.prompt_tokens)
+        prompt = sum(len(p) for p in self.request.prompts)
         self.choices[0].timer.finished(reason, prompt, self.cached_tokens)
         log_completion(self.request.log_id, reason, prompt, self.completion_tokens,
                        time.perf_counter() - self._arrived, self.request.prompt_text,

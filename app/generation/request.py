@@ -23,9 +23,23 @@ class GenerationRequest:
     cache_scope: str = ""  # the API key's id when keys are on: tenants never share cached prompts
     log_id: str = ""  # X-Request-ID, for the request log
     prompt_text: Optional[str] = None  # only when LOG_PROMPTS is on
+    more_prompts: tuple[list[int], ...] = ()  # /v1/completions with several prompts: n choices each
+    prompt_logprobs: Optional[int] = None  # score the prompt's tokens too (k alternatives)
+
+    @property
+    def prompts(self) -> list[list[int]]:
+        return [self.prompt_tokens, *self.more_prompts]
+
+    @property
+    def choices(self) -> int:
+        return self.n * (1 + len(self.more_prompts))
+
+    def prompt_of(self, index: int) -> list[int]:
+        """Choice i answers prompt i // n (OpenAI's order for several prompts)."""
+        return self.prompts[index // self.n]
 
     def choice_seed(self, index: int) -> Optional[int]:
-        """Choice i of a seeded request draws from seed + i: choices differ, and each is
-        reproducible alone or in any batch."""
+        """Choice i of a prompt's n draws from seed + i: choices differ, and each is reproducible
+        alone or in any batch."""
         seed = self.sampling.seed
-        return None if seed is None else (seed + index) % (2**32)
+        return None if seed is None else (seed + index % self.n) % (2**32)

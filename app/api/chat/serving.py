@@ -37,10 +37,7 @@ class ChatServing:
 
     def prepare(self, body: ChatCompletionRequest, client: str, request_id: str) -> GenerationRequest:
         """Validate against the model and the server's limits; nothing is queued yet."""
-        if body.model != self.model.model_id:
-            raise APIError(404, f"The model '{body.model}' does not exist; this server serves "
-                                f"'{self.model.model_id}'", type="not_found_error", param="model",
-                           code="model_not_found")
+        self.admission.resolve_model(body.model)
         n = body.n or 1
         self.admission.check_n(n)
         if body.logit_bias:

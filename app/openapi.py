@@ -4,6 +4,7 @@ from __future__ import annotations
 from functools import lru_cache
 
 from app.api.chat.protocol import ChatCompletionRequest
+from app.api.completions.protocol import CompletionRequest
 from orchard import __version__
 
 _ERROR = {"description": "OpenAI error envelope", "content": {"application/json": {"schema": {
@@ -18,10 +19,22 @@ def _errors(*codes: int) -> dict:
     return {str(code): _ERROR for code in codes}
 
 
+def _post(summary: str, schema: str, security: list) -> dict:
+    return {"summary": summary, "security": security,
+            "requestBody": {"required": True, "content": {"application/json": {
+                "schema": {"$ref": f"#/components/schemas/{schema}"}}}},
+            "responses": {"200": {"description": "completion", "content": {
+                "application/json": {"schema": {"type": "object"}},
+                "text/event-stream": {"schema": {"type": "string"}}}},
+                **_errors(400, 401, 404, 413, 415, 429, 503)}}
+
+
 @lru_cache(maxsize=1)
 def document() -> dict:
     schema = ChatCompletionRequest.model_json_schema(ref_template="#/components/schemas/{model}")
     defs = schema.pop("$defs", {})
+    completion = CompletionRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+    defs.update(completion.pop("$defs", {}))
     security = [{"bearer": []}]
     get_json = lambda summary: {"summary": summary, "security": security,  # noqa: E731
                                 "responses": {"200": _JSON, **_errors(401, 503)}}
@@ -29,7 +42,7 @@ def document() -> dict:
         "openapi": "3.1.0",
         "info": {"title": "Orchard", "version": __version__,
                  "description": "OpenAI-compatible LLM inference server for Apple silicon"},
-        "components": {"schemas": {"ChatCompletionRequest": schema, **defs},
+        "components": {"schemas": {"ChatCompletionRequest": schema, "CompletionRequest": completion, **defs},
                        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
         "paths": {
             "/health": {"get": {"summary": "Liveness and readiness", "responses": {"200": _JSON, **_errors(503)}}},
@@ -47,5 +60,7 @@ def document() -> dict:
                     "application/json": {"schema": {"type": "object"}},
                     "text/event-stream": {"schema": {"type": "string"}}}},
                     **_errors(400, 401, 404, 413, 415, 429, 503)}}},
+            "/v1/completions": {"post": _post("Text completion (JSON, or SSE when stream is true)",
+                                              "CompletionRequest", security)},
         },
     }

@@ -19,7 +19,7 @@ from tests.engine_harness import running_app
 
 MAX_EXAMPLES = 60
 OPERATIONS = ["GET /health", "GET /v1/models", "GET /v1/models/{model_id}", "GET /v1/system/status",
-              "POST /v1/chat/completions"]
+              "POST /v1/chat/completions", "POST /v1/completions"]
 
 
 @pytest.fixture(scope="module")
@@ -66,9 +66,10 @@ def plain_chat(case):
     valid requests combine options whose cross-field rules (tool_choice needs tools, a tool message
     answers a call, n <= MAX_N, ...) the schema cannot state, so they rightly end in a 400."""
     case = for_the_served_model(case)
-    if isinstance(case.body, dict) and "messages" in case.body:
+    if isinstance(case.body, dict) and "model" in case.body:
         kept = {k: case.body[k] for k in SAMPLING_FIELDS if k in case.body}
-        case.body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], **kept}
+        turn = {"messages": [{"role": "user", "content": "hi"}]} if "messages" in case.body else {"prompt": "hi"}
+        case.body = {"model": "tiny", **turn, **kept}
     return case
 
 
@@ -106,5 +107,5 @@ def test_no_server_errors_and_every_client_error_is_an_envelope(api_schema, labe
 
     run()
     print(f"{label}: statuses {dict(sorted(statuses.items()))}")
-    if path == "/v1/chat/completions":
+    if path in ("/v1/chat/completions", "/v1/completions"):
         assert statuses.get(200), f"no generated request reached the engine: {statuses}"

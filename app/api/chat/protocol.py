@@ -10,15 +10,14 @@ from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from engine.sampling import SamplingParams
+from app.api.sampling_fields import SamplingFields, StrictModel
 
 MAX_STOP_SEQUENCES = 4
 MAX_TOOLS = 128
 FUNCTION_NAME = r"^[a-zA-Z0-9_-]{1,64}$"
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+_Strict = StrictModel
 
 
 class TextPart(_Strict):
@@ -129,10 +128,7 @@ class ResponseFormat(_Strict):
         return self
 
 
-TokenBias = Annotated[float, Field(ge=-100.0, le=100.0)]
-
-
-class ChatCompletionRequest(_Strict):
+class ChatCompletionRequest(SamplingFields):
     # The OpenAPI document states what _options_need_stream enforces.
     model_config = ConfigDict(json_schema_extra={
         "if": {"required": ["stream_options"], "properties": {"stream_options": {"type": "object"}}},
@@ -142,13 +138,7 @@ class ChatCompletionRequest(_Strict):
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=4096)]
     max_tokens: Optional[Annotated[int, Field(ge=1)]] = None
     max_completion_tokens: Optional[Annotated[int, Field(ge=1)]] = None
-    temperature: Optional[Annotated[float, Field(ge=0.0, le=2.0)]] = None
-    top_p: Optional[Annotated[float, Field(gt=0.0, le=1.0)]] = None
     stop: Union[Annotated[str, Field(min_length=1)], Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=MAX_STOP_SEQUENCES)], None] = None
-    seed: Optional[Annotated[int, Field(ge=-(2**63), le=2**64 - 1)]] = None
-    presence_penalty: Optional[Annotated[float, Field(ge=-2.0, le=2.0)]] = None
-    frequency_penalty: Optional[Annotated[float, Field(ge=-2.0, le=2.0)]] = None
-    logit_bias: Optional[Annotated[dict[Annotated[str, Field(pattern=r"^[0-9]{1,9}$")], TokenBias], Field(max_length=1024)]] = None
     n: Optional[Annotated[int, Field(ge=1, le=128)]] = None
     stream: Optional[bool] = False
     stream_options: Optional[StreamOptions] = None
@@ -158,12 +148,6 @@ class ChatCompletionRequest(_Strict):
     tools: Optional[Annotated[list[Tool], Field(max_length=MAX_TOOLS)]] = None
     tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
     parallel_tool_calls: Optional[bool] = None
-    # Extensions most local servers accept (vLLM, llama.cpp, mlx_lm.server).
-    top_k: Optional[Annotated[int, Field(ge=0, le=1_000_000)]] = None
-    min_p: Optional[Annotated[float, Field(ge=0.0, le=1.0)]] = None
-    repetition_penalty: Optional[Annotated[float, Field(gt=0.0, le=2.0)]] = None
-    # Extension (as in vLLM): keep generating through EOS, so benchmarks do fixed work.
-    ignore_eos: bool = False
     # Accepted and ignored: meaningless on a local server (listed in README_PRODUCTION).
     user: Optional[Annotated[str, Field(max_length=256)]] = None
     store: Optional[bool] = None
@@ -215,19 +199,6 @@ class ChatCompletionRequest(_Strict):
     def logprobs_k(self) -> Optional[int]:
         """None: no logprobs; else how many alternatives per token."""
         return (self.top_logprobs or 0) if self.logprobs else None
-
-    def sampling_params(self) -> SamplingParams:
-        return SamplingParams(
-            temperature=1.0 if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p,
-            top_k=self.top_k or 0,
-            min_p=self.min_p or 0.0,
-            seed=None if self.seed is None else self.seed % (2**32),
-            presence_penalty=self.presence_penalty or 0.0,
-            frequency_penalty=self.frequency_penalty or 0.0,
-            repetition_penalty=self.repetition_penalty or 1.0,
-            logit_bias=tuple(sorted((int(k), float(v)) for k, v in (self.logit_bias or {}).items())),
-        )
 
     def tool_definitions(self) -> list[dict]:
         """Tools in the shape chat templates expect ({"type": "function", "function": {...}})."""

@@ -41,7 +41,7 @@ class ChatServing:
         n = body.n or 1
         self.admission.check_n(n)
         if body.logit_bias:
-            self.admission.check_token_ids([int(k) for k in body.logit_bias], "logit_bias")
+            self.admission.check_token_ids(body.logit_bias_ids(), "logit_bias")
         _refuse_media(body.messages)
         tools = body.tools if body.tools and body.tool_choice != "none" else None
         plan = self.constraints.plan(output_spec(body))

@@ -5,8 +5,8 @@ from typing import Annotated, Optional, Union
 
 from pydantic import Field, field_validator, model_validator
 
-from app.api.chat.protocol import MAX_STOP_SEQUENCES, StreamOptions, TokenBias, _Strict
-from engine.sampling import SamplingParams
+from app.api.chat.protocol import MAX_STOP_SEQUENCES, StreamOptions
+from app.api.sampling_fields import SamplingFields
 
 MAX_PROMPTS = 64
 TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
@@ -15,12 +15,10 @@ Prompt = Union[str, Annotated[list[str], Field(min_length=1, max_length=MAX_PROM
                Annotated[list[TokenList], Field(min_length=1, max_length=MAX_PROMPTS)]]
 
 
-class CompletionRequest(_Strict):
+class CompletionRequest(SamplingFields):
     model: Annotated[str, Field(min_length=1, max_length=256)]
     prompt: Prompt
     max_tokens: Optional[Annotated[int, Field(ge=0)]] = 16  # OpenAI's default; 0 only with echo
-    temperature: Optional[Annotated[float, Field(ge=0.0, le=2.0)]] = None
-    top_p: Optional[Annotated[float, Field(gt=0.0, le=1.0)]] = None
     n: Optional[Annotated[int, Field(ge=1, le=128)]] = None
     best_of: Optional[Annotated[int, Field(ge=1, le=128)]] = None
     stream: Optional[bool] = False
@@ -28,17 +26,8 @@ class CompletionRequest(_Strict):
     logprobs: Optional[Annotated[int, Field(ge=0, le=5)]] = None
     echo: Optional[bool] = False
     stop: Union[Annotated[str, Field(min_length=1)], Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=MAX_STOP_SEQUENCES)], None] = None
-    seed: Optional[Annotated[int, Field(ge=-(2**63), le=2**64 - 1)]] = None
-    presence_penalty: Optional[Annotated[float, Field(ge=-2.0, le=2.0)]] = None
-    frequency_penalty: Optional[Annotated[float, Field(ge=-2.0, le=2.0)]] = None
-    logit_bias: Optional[Annotated[dict[Annotated[str, Field(pattern=r"^[0-9]{1,9}$")], TokenBias], Field(max_length=1024)]] = None
     suffix: Optional[str] = None
     user: Optional[Annotated[str, Field(max_length=256)]] = None
-    # Extensions, as on the chat endpoint.
-    top_k: Optional[Annotated[int, Field(ge=0, le=1_000_000)]] = None
-    min_p: Optional[Annotated[float, Field(ge=0.0, le=1.0)]] = None
-    repetition_penalty: Optional[Annotated[float, Field(gt=0.0, le=2.0)]] = None
-    ignore_eos: bool = False
 
     @field_validator("stream_options")
     @classmethod
@@ -78,14 +67,3 @@ class CompletionRequest(_Strict):
         if isinstance(p, str) or (p and isinstance(p[0], int)):
             return [p]
         return list(p)
-
-    def sampling_params(self) -> SamplingParams:
-        return SamplingParams(
-            temperature=1.0 if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p,
-            top_k=self.top_k or 0, min_p=self.min_p or 0.0,
-            seed=None if self.seed is None else self.seed % (2**32),
-            presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
-            repetition_penalty=self.repetition_penalty or 1.0,
-            logit_bias=tuple(sorted((int(k), float(v)) for k, v in (self.logit_bias or {}).items())),
-        )

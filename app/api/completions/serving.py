@@ -34,7 +34,7 @@ class CompletionsServing:
         n = body.n or 1
         self.admission.check_n(n * len(body.prompts()))
         if body.logit_bias:
-            self.admission.check_token_ids([int(k) for k in body.logit_bias], "logit_bias")
+            self.admission.check_token_ids(body.logit_bias_ids(), "logit_bias")
         prompts = [self._tokens(p) for p in body.prompts()]
         longest = max(len(p) for p in prompts)
         max_tokens = body.max_tokens if body.max_tokens == 0 else \

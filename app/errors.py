@@ -31,9 +31,20 @@ def overloaded(message: str, retry_after: int = 1) -> APIError:
                     headers={"Retry-After": str(retry_after)})
 
 
+_TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
+
+
+def _union_tag(part) -> bool:
+    """pydantic names the member of a union it tried (`literal['a','b']`, `str`, `NamedToolChoice`,
+    `[key]`); a client's `param` is the field's path without them."""
+    if not isinstance(part, str):
+        return False
+    return "[" in part or part in _TYPE_TAGS or (part[:1].isupper() and part.isidentifier())
+
+
 def from_validation(exc: ValidationError) -> APIError:
     first = exc.errors(include_url=False)[0]
-    loc = [str(part) for part in first.get("loc", ())]
+    loc = [str(part) for part in first.get("loc", ()) if not _union_tag(part)]
     if first.get("type", "").startswith("json"):
         return bad_request(f"The request body is not valid JSON: {first.get('msg')}", code="invalid_json")
     param = ".".join(loc) or None

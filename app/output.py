@@ -18,6 +18,7 @@ class TextAssembler:
         self._hold = max((len(s) for s in stop_strings), default=1) - 1
         self._pending = ""  # decoded but not yet released text
         self.stopped = False  # a stop string was found: the request should end now
+        self.matched: Optional[str] = None  # which stop string (Anthropic reports it)
         self.tokens = 0
 
     def add(self, token_ids: list[int]) -> str:
@@ -42,6 +43,7 @@ class TextAssembler:
         cut = _first_stop(self._pending, self._stops)
         if cut is not None:
             self.stopped = True
+            self.matched = next(s for s in self._stops if self._pending.find(s) == cut)
             out, self._pending = self._pending[:cut], ""
             return out
         keep = 0 if final else _partial_stop_suffix(self._pending, self._stops, self._hold)

@@ -32,6 +32,7 @@ class OutputSpec:
     schema: Optional[dict] = None
     strict: bool = False
     tools_param: str = "tools"
+    tool_schema_key: str = "function.parameters"  # where a tool's schema sits, for error params
     format_param: str = "response_format"
 
 
@@ -54,7 +55,7 @@ class Constraints:
     def plan(self, spec: OutputSpec) -> Plan:
         for i, tool in enumerate(spec.tools):
             if tool.get("parameters") is not None:
-                self._check_schema(tool["parameters"], f"{spec.tools_param}.{i}.function.parameters")
+                self._check_schema(tool["parameters"], f"{spec.tools_param}.{i}.{spec.tool_schema_key}")
         parser = get_parser(self._parser_name) if spec.tools and spec.tool_choice != "none" else None
         if spec.tool_choice in ("required", "named"):
             chosen = spec.tools

@@ -154,7 +154,8 @@ class Generation:
                 self.admitted = True
                 self.cached_tokens = message.cached_tokens
                 choice.timer.admitted()
-        elif isinstance(message, PromptLogprobs):
+        elif isinstance(message, PromptLogprobs):  # scoring is progress: no queue timeout after it
+            self.admitted = True
             yield choice.scored(self.request.prompt_of(choice.index), message)
         elif isinstance(message, Finished):
             yield from choice.finish(message)

@@ -35,18 +35,16 @@ class TextBlock(_Strict):
     citations: Optional[list[dict[str, Any]]] = None  # echoed back by clients; ignored
 
 
-class MediaBlock(BaseModel):
-    """Parsed only so the answer can say this model reads text only, not a schema error."""
+class OtherBlock(BaseModel):
+    """Images and documents, parsed so the answer can say this model reads text only (not a schema
+    error); another model's reasoning echoed back in a history, dropped (this one writes none)."""
 
     model_config = ConfigDict(extra="allow")
-    type: Literal["image", "document"]
+    type: Literal["image", "document", "thinking", "redacted_thinking"]
 
-
-class ThinkingBlock(BaseModel):
-    """Another model's reasoning, echoed back in a history: dropped (SmolLM2 and co. never write it)."""
-
-    model_config = ConfigDict(extra="allow")
-    type: Literal["thinking", "redacted_thinking"]
+    @property
+    def media(self) -> bool:
+        return self.type in ("image", "document")
 
 
 class ToolUseBlock(_Strict):
@@ -60,12 +58,12 @@ class ToolUseBlock(_Strict):
 class ToolResultBlock(_Strict):
     type: Literal["tool_result"]
     tool_use_id: Annotated[str, Field(min_length=1, max_length=256)]
-    content: Union[str, list[Annotated[Union[TextBlock, MediaBlock], Field(discriminator="type")]], None] = None
+    content: Union[str, list[Annotated[Union[TextBlock, OtherBlock], Field(discriminator="type")]], None] = None
     is_error: Optional[bool] = None
     cache_control: Hint = None
 
 
-Block = Annotated[Union[TextBlock, MediaBlock, ThinkingBlock, ToolUseBlock, ToolResultBlock],
+Block = Annotated[Union[TextBlock, OtherBlock, ToolUseBlock, ToolResultBlock],
                   Field(discriminator="type")]
 
 
@@ -119,6 +117,7 @@ class CountTokensRequest(_Strict):
     tools: Optional[Annotated[list[Tool], Field(max_length=MAX_TOOLS)]] = None
     tool_choice: Optional[ToolChoice] = None
     thinking: Optional[dict[str, Any]] = None
+    cache_control: Hint = None  # automatic prompt caching: the prefix cache always runs
 
     @model_validator(mode="after")
     def _choice_needs_tools(self):
@@ -155,7 +154,8 @@ class CountTokensRequest(_Strict):
         return OutputSpec(tools=[{"name": t.name, "parameters": t.input_schema} for t in self.tools or []],
                           tool_choice={"any": "required", "tool": "named"}.get(kind, kind),
                           tool_name=choice.name if choice else None,
-                          parallel=not (choice and choice.disable_parallel_tool_use))
+                          parallel=not (choice and choice.disable_parallel_tool_use),
+                          tool_schema_key="input_schema")
 
 
 class MessagesRequest(CountTokensRequest):
@@ -182,13 +182,13 @@ def _refuse_media(blocks: list, i: int) -> None:
     for j, block in enumerate(blocks):
         inner = block.content if isinstance(block, ToolResultBlock) and isinstance(block.content, list) else []
         for part in [block, *inner]:
-            if isinstance(part, MediaBlock):
+            if isinstance(part, OtherBlock) and part.media:
                 raise bad_request(f"messages[{i}].content[{j}] has an '{part.type}' block, but this model reads "
                                   f"text only", param=f"messages.{i}.content.{j}", code="unsupported_content")
 
 
 def _misplaced(i: int, j: int, kind: str, role: str) -> Exception:
-    return bad_request(f"messages[{i}].content[{j}]: a {kind} block belongs in a {role} message",
+    return bad_request(f"messages[{i}].content[{j}]: a {kind} block belongs in {role} message",
                        param=f"messages.{i}.content.{j}")
 
 
@@ -201,7 +201,7 @@ def _assistant(blocks: list, i: int) -> dict:
             calls.append({"id": block.id, "type": "function", "function": {
                 "name": block.name, "arguments": json.dumps(block.input, ensure_ascii=False)}})
         elif isinstance(block, ToolResultBlock):
-            raise _misplaced(i, j, "tool_result", "user")
+            raise _misplaced(i, j, "tool_result", "a user")
     out: dict = {"role": "assistant", "content": BLOCK_SEPARATOR.join(texts)}
     if calls:
         out["tool_calls"] = calls
@@ -222,7 +222,7 @@ def _user(blocks: list, i: int, called: set[str]) -> list[dict]:
         elif isinstance(block, TextBlock):
             texts.append(block.text)
         elif isinstance(block, ToolUseBlock):
-            raise _misplaced(i, j, "tool_use", "assistant")
+            raise _misplaced(i, j, "tool_use", "an assistant")
     if texts or not results:
         results.append({"role": "user", "content": BLOCK_SEPARATOR.join(texts)})
     return results

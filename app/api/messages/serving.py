@@ -185,8 +185,8 @@ class MessagesServing:
                 usage(len(request.prompt_tokens), generation.completion_tokens, generation.cached_tokens))
 
 
-def _raise_failure(done: Optional[ChoiceDone]) -> None:
-    if done is not None and done.reason is FinishReason.ERROR:
+def _raise_failure(done: ChoiceDone) -> None:
+    if done.reason is FinishReason.ERROR:
         raise APIError(500, f"Generation failed: {done.error}", type="server_error", code="engine_error")
 
 

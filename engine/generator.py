@@ -11,6 +11,7 @@ import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, StopSequences
 from mlx_lm.models.cache import KVCache
 
+from engine.logprobs import top_logprobs
 from engine.messages import AddRequest, TokenLogprob
 from engine.prefix_cache import PrefixCache, _trimmed
 from engine.sampling import SamplerFactory
@@ -171,28 +172,13 @@ class Generator:
         return out
 
     def _token_logprobs(self, responses) -> dict[int, TokenLogprob]:
-        """The sampled token's logprob and the top k, for the rows that asked: one gather and
-        one partial sort over those rows together, one host transfer."""
+        """The sampled token's logprob and the top k, for the rows that asked."""
         rows = [r for r in responses if r.uid in self._logprobs]
         if not rows:
             return {}
-        dist = mx.stack([r.logprobs for r in rows])
-        chosen = mx.take_along_axis(dist, mx.array([[r.token] for r in rows]), axis=1)[:, 0]
-        k = max(self._logprobs[r.uid] for r in rows)
-        if k:
-            top_ids = mx.argpartition(-dist, k - 1, axis=1)[:, :k]
-            top_lps = mx.take_along_axis(dist, top_ids, axis=1)
-            mx.eval(chosen, top_ids, top_lps)
-            ids, lps = top_ids.tolist(), top_lps.tolist()
-        else:
-            mx.eval(chosen)
-            ids = lps = [[] for _ in rows]
-        out = {}
-        for r, lp, row_ids, row_lps in zip(rows, chosen.tolist(), ids, lps):
-            ranked = sorted(((i, v) for i, v in zip(row_ids, row_lps) if v > float("-inf")),
-                            key=lambda pair: (-pair[1], pair[0]))
-            out[r.uid] = TokenLogprob(lp, tuple(ranked[:self._logprobs[r.uid]]))
-        return out
+        values = top_logprobs(mx.stack([r.logprobs for r in rows]), [r.token for r in rows],
+                              [self._logprobs[r.uid] for r in rows])
+        return {r.uid: value for r, value in zip(rows, values)}
 
     def keep_prefix(self, tokens: list[int], layers: list, scope: str = "") -> None:
         """Offer KV state computed outside the batch (a scored prompt) to the prefix cache."""

@@ -15,6 +15,7 @@ from typing import Optional
 
 import mlx.core as mx
 
+from engine.logprobs import top_logprobs
 from engine.messages import AddRequest, TokenLogprob
 
 CHUNK = 128  # positions per step: a chunk holds CHUNK x vocabulary floats of log-probabilities
@@ -79,17 +80,4 @@ def _score(logits: mx.array, targets: list[int], k: int) -> list[TokenLogprob]:
     if not targets:
         return []
     logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-    chosen = mx.take_along_axis(logprobs, mx.array(targets)[:, None], axis=1)[:, 0]
-    if k:
-        top_ids = mx.argpartition(-logprobs, k - 1, axis=1)[:, :k]
-        top_lps = mx.take_along_axis(logprobs, top_ids, axis=1)
-        mx.eval(chosen, top_ids, top_lps)
-        ids, lps = top_ids.tolist(), top_lps.tolist()
-    else:
-        mx.eval(chosen)
-        ids = lps = [[] for _ in targets]
-    out = []
-    for value, row_ids, row_lps in zip(chosen.tolist(), ids, lps):
-        ranked = sorted(zip(row_ids, row_lps), key=lambda pair: (-pair[1], pair[0]))
-        out.append(TokenLogprob(value, tuple(ranked)))
-    return out
+    return top_logprobs(logprobs, targets, [k] * len(targets))

@@ -35,6 +35,15 @@ def wait_ready(engine: Engine, timeout: float = 120) -> None:
     assert engine.state is EngineState.READY, engine.error
 
 
+PROMPT_TEXTS = ["Hello world", "The capital of France", "Orchard serves", "A quick brown fox",
+                "What is the capital of Germany?", "0123456789", "jumps over the lazy dog", "Paris is"]
+
+
+def encoded_prompts(engine: Engine) -> list[list[int]]:
+    """Eight short prompts in the served model's tokens (engine tests share them)."""
+    return [engine.model.tokenizer.encode(t, add_special_tokens=False) for t in PROMPT_TEXTS]
+
+
 def run(engine: Engine, prompt: list[int], max_tokens: int, **kwargs) -> tuple[list[int], Finished]:
     """Submit one request and collect its tokens until its Finished marker."""
     request = AddRequest(f"r{next(_ids)}", prompt, max_tokens, **kwargs)

@@ -6,7 +6,7 @@ import pytest
 
 from engine.messages import AddRequest
 from engine.sampling import SamplingParams
-from tests.engine_harness import run, run_many, running_engine
+from tests.engine_harness import encoded_prompts, run, run_many, running_engine
 
 GREEDY = SamplingParams(temperature=0.0)
 
@@ -19,10 +19,7 @@ def engine(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def prompts(engine):
-    tok = engine.model.tokenizer
-    texts = ["Hello world", "The capital of France", "Orchard serves", "A quick brown fox",
-             "What is the capital of Germany?", "0123456789", "jumps over the lazy dog", "Paris is"]
-    return [tok.encode(t, add_special_tokens=False) for t in texts]
+    return encoded_prompts(engine)
 
 
 def test_batched_greedy_output_equals_one_at_a_time(engine, prompts):

@@ -11,7 +11,7 @@ import pytest
 
 from engine.messages import AddRequest, TokenDelta
 from engine.sampling import SamplingParams
-from tests.engine_harness import run, run_detailed, running_engine
+from tests.engine_harness import encoded_prompts, run, run_detailed, running_engine
 
 GREEDY = SamplingParams(temperature=0.0)
 SCHEMA = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99},
@@ -27,10 +27,7 @@ def engine(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def prompts(engine):
-    tok = engine.model.tokenizer
-    texts = ["Hello world", "The capital of France", "Orchard serves", "A quick brown fox",
-             "What is the capital of Germany?", "0123456789", "jumps over the lazy dog", "Paris is"]
-    return [tok.encode(t, add_special_tokens=False) for t in texts]
+    return encoded_prompts(engine)
 
 
 def _direct_logprobs(engine, prompt: list[int], generated: list[int]) -> mx.array:

@@ -1,21 +1,30 @@
-"""The sampling fields OpenAI's chat and legacy completions share, and their conversion to the
-engine's SamplingParams (one place for both endpoints)."""
+"""The fields OpenAI's chat and legacy completions share (sampling, stop, streaming), their
+checks, and their conversion to the engine's SamplingParams: one place for both endpoints."""
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from engine.sampling import SamplingParams
 
 TokenBias = Annotated[float, Field(ge=-100.0, le=100.0)]
+MAX_STOP_SEQUENCES = 4
 
 
 class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
+class StreamOptions(StrictModel):
+    include_usage: bool = False
+    include_obfuscation: Optional[bool] = None  # OpenAI's padding against length side channels: not needed locally
+
+
 class SamplingFields(StrictModel):
+    stream: Optional[bool] = False
+    stream_options: Optional[StreamOptions] = None
+    stop: Union[Annotated[str, Field(min_length=1)], Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=MAX_STOP_SEQUENCES)], None] = None
     temperature: Optional[Annotated[float, Field(ge=0.0, le=2.0)]] = None
     top_p: Optional[Annotated[float, Field(gt=0.0, le=1.0)]] = None
     seed: Optional[Annotated[int, Field(ge=-(2**63), le=2**64 - 1)]] = None
@@ -28,6 +37,23 @@ class SamplingFields(StrictModel):
     repetition_penalty: Optional[Annotated[float, Field(gt=0.0, le=2.0)]] = None
     # Extension (as in vLLM): keep generating through EOS, so benchmarks do fixed work.
     ignore_eos: bool = False
+
+    @field_validator("stream_options")
+    @classmethod
+    def _options_need_stream(cls, value, info):
+        if value is not None and not info.data.get("stream"):
+            raise ValueError("stream_options is only allowed when stream is true")
+        return value
+
+    @property
+    def stop_strings(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
 
     def sampling_params(self) -> SamplingParams:
         return SamplingParams(

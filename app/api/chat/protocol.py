@@ -12,7 +12,6 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from app.api.sampling_fields import SamplingFields, StrictModel
 
-MAX_STOP_SEQUENCES = 4
 MAX_TOOLS = 128
 FUNCTION_NAME = r"^[a-zA-Z0-9_-]{1,64}$"
 
@@ -105,11 +104,6 @@ class NamedToolChoice(_Strict):
     function: NamedFunction
 
 
-class StreamOptions(_Strict):
-    include_usage: bool = False
-    include_obfuscation: Optional[bool] = None  # OpenAI's padding against length side channels: not needed locally
-
-
 class JSONSchemaFormat(_Strict):
     name: Annotated[str, Field(pattern=FUNCTION_NAME)]
     description: Optional[str] = None
@@ -138,10 +132,7 @@ class ChatCompletionRequest(SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=4096)]
     max_tokens: Optional[Annotated[int, Field(ge=1)]] = None
     max_completion_tokens: Optional[Annotated[int, Field(ge=1)]] = None
-    stop: Union[Annotated[str, Field(min_length=1)], Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=MAX_STOP_SEQUENCES)], None] = None
     n: Optional[Annotated[int, Field(ge=1, le=128)]] = None
-    stream: Optional[bool] = False
-    stream_options: Optional[StreamOptions] = None
     logprobs: Optional[bool] = None
     top_logprobs: Optional[Annotated[int, Field(ge=0, le=20)]] = None
     response_format: Optional[ResponseFormat] = None
@@ -160,13 +151,6 @@ class ChatCompletionRequest(SamplingFields):
     prompt_cache_key: Optional[Annotated[str, Field(max_length=256)]] = None
     safety_identifier: Optional[Annotated[str, Field(max_length=256)]] = None
 
-    @field_validator("stream_options")
-    @classmethod
-    def _options_need_stream(cls, value, info):
-        if value is not None and not info.data.get("stream"):
-            raise ValueError("stream_options is only allowed when stream is true")
-        return value
-
     @field_validator("top_logprobs")
     @classmethod
     def _top_needs_logprobs(cls, value, info):
@@ -182,18 +166,9 @@ class ChatCompletionRequest(SamplingFields):
         return value
 
     @property
-    def stop_strings(self) -> list[str]:
-        if self.stop is None:
-            return []
-        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
-
-    @property
     def requested_max_tokens(self) -> Optional[int]:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
-    @property
-    def include_usage(self) -> bool:
-        return bool(self.stream_options and self.stream_options.include_usage)
 
     @property
     def logprobs_k(self) -> Optional[int]:

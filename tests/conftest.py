@@ -32,13 +32,27 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def embedded_server(tmp_path_factory, orchard_home, embedded_model_dir):
+def embedded_server_factory(tmp_path_factory, orchard_home, embedded_model_dir):
+    """Start real Gunicorn servers on the embedded model with extra settings; each is checked for
+    event-loop blocks and stopped at module end."""
+    servers = []
+
+    def start(**env) -> ServerProcess:
+        log = tmp_path_factory.mktemp("server") / "server.log"
+        server = ServerProcess({"MODEL": "embedded", "ORCHARD_HOME": orchard_home, **env}, log).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        assert_never_blocked(server)
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def embedded_server(embedded_server_factory):
     """One real Gunicorn server on the embedded model, shared by a test module."""
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    server = ServerProcess({"MODEL": "embedded", "ORCHARD_HOME": orchard_home}, log).start()
-    yield server
-    assert_never_blocked(server)
-    server.stop()
+    return embedded_server_factory()
 
 
 def assert_never_blocked(server: ServerProcess) -> None:

@@ -14,8 +14,6 @@ import pytest
 from pydantic import BaseModel, Field
 
 from tests.chat_fold import ask
-from tests.conftest import assert_never_blocked
-from tests.server import ServerProcess
 
 MODEL = "smollm2-135m-instruct"
 WEATHER = {"type": "function", "function": {
@@ -36,12 +34,8 @@ BOTH = [False, True]
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, orchard_home, embedded_model_dir):
-    log = tmp_path_factory.mktemp("chat-features") / "server.log"
-    server = ServerProcess({"MODEL": "embedded", "ORCHARD_HOME": orchard_home, "MAX_N": "10"}, log).start()
-    yield server
-    assert_never_blocked(server)
-    server.stop()
+def server(embedded_server_factory):
+    return embedded_server_factory(MAX_N="10")
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,6 @@ import anthropic
 import pytest
 import requests
 
-from tests.conftest import assert_never_blocked
-from tests.server import ServerProcess
 
 ALIAS = "claude-orchard-test"  # matches the server's MODEL_ALIASES=claude-*
 WEATHER = {"name": "get_weather", "description": "Current weather in a city", "input_schema": {
@@ -31,13 +29,8 @@ BOTH = [False, True]
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, orchard_home, embedded_model_dir):
-    log = tmp_path_factory.mktemp("messages") / "server.log"
-    server = ServerProcess({"MODEL": "embedded", "ORCHARD_HOME": orchard_home, "MODEL_ALIASES": "claude-*"},
-                           log).start()
-    yield server
-    assert_never_blocked(server)
-    server.stop()
+def server(embedded_server_factory):
+    return embedded_server_factory(MODEL_ALIASES="claude-*")
 
 
 @pytest.fixture(scope="module")

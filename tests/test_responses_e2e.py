@@ -14,8 +14,6 @@ import openai
 import pytest
 import requests
 
-from tests.conftest import assert_never_blocked
-from tests.server import ServerProcess
 
 MODEL = "smollm2-135m-instruct"
 WEATHER = {"type": "function", "name": "get_weather", "description": "Current weather in a city",
@@ -31,13 +29,8 @@ BOTH = [False, True]
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, orchard_home, embedded_model_dir):
-    log = tmp_path_factory.mktemp("responses") / "server.log"
-    server = ServerProcess({"MODEL": "embedded", "ORCHARD_HOME": orchard_home, "API_KEYS": "key-a,key-b"},
-                           log).start()
-    yield server
-    assert_never_blocked(server)
-    server.stop()
+def server(embedded_server_factory):
+    return embedded_server_factory(API_KEYS="key-a,key-b")
 
 
 @pytest.fixture(scope="module")

@@ -31,9 +31,11 @@ class OutputSpec:
     json_mode: Optional[str] = None  # None | "object" | "schema"
     schema: Optional[dict] = None
     strict: bool = False
+    # Where each thing sits in the API's own request, so a 400 names the client's path.
     tools_param: str = "tools"
-    tool_schema_key: str = "function.parameters"  # where a tool's schema sits, for error params
+    tool_params: tuple[str, ...] = ()  # each tool's schema; default "<tools_param>.<i>.function.parameters"
     format_param: str = "response_format"
+    schema_param: Optional[str] = None  # default "<format_param>.json_schema.schema"
 
 
 @dataclass(frozen=True)
@@ -55,7 +57,8 @@ class Constraints:
     def plan(self, spec: OutputSpec) -> Plan:
         for i, tool in enumerate(spec.tools):
             if tool.get("parameters") is not None:
-                self._check_schema(tool["parameters"], f"{spec.tools_param}.{i}.{spec.tool_schema_key}")
+                param = spec.tool_params[i] if spec.tool_params else f"{spec.tools_param}.{i}.function.parameters"
+                self._check_schema(tool["parameters"], param)
         parser = get_parser(self._parser_name) if spec.tools and spec.tool_choice != "none" else None
         if spec.tool_choice in ("required", "named"):
             chosen = spec.tools
@@ -71,7 +74,7 @@ class Constraints:
         if spec.json_mode == "object":
             return Plan(self._checked(grammars.json_object_grammar(), spec.format_param), parser, spec.parallel)
         if spec.json_mode == "schema":
-            param = f"{spec.format_param}.json_schema.schema"
+            param = spec.schema_param or f"{spec.format_param}.json_schema.schema"
             self._check_schema(spec.schema or {}, param)
             grammar = _build(grammars.json_schema_grammar, param, spec.schema or {}, spec.strict)
             return Plan(self._checked(grammar, param), parser, spec.parallel)

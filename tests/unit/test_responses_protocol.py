@@ -1,13 +1,29 @@
-"""Responses API requests: validation, input items -> chat messages, options -> OutputSpec. No server."""
+"""Responses API requests: validation, input items -> chat messages, options -> OutputSpec; and the
+response object and its events, from scripted Generation events. No server, no model."""
 import json
+from types import SimpleNamespace
 
 import pytest
 
-from app.api.responses.protocol import input_messages, output_messages, parse, tool_definitions
-from app.errors import APIError
+from pydantic import ValidationError
+
+from app.api.responses.protocol import ResponsesRequest, input_messages, output_messages, tool_definitions
+from app.errors import APIError, from_validation
+from app.generation.events import ChoiceDone, FinishReason, TextDelta, ToolCallEvent
+from app.generation.request import GenerationRequest
+from app.text.tool_parsers import ToolCallDelta
+from engine.sampling import SamplingParams
 
 WEATHER = {"type": "function", "name": "get_weather", "description": "Weather in a city",
            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+
+
+def parse(raw: bytes) -> ResponsesRequest:
+    """As the route does; a refused body raises the API error a client would get."""
+    try:
+        return ResponsesRequest.model_validate_json(raw)
+    except ValidationError as exc:
+        raise from_validation(exc) from None
 
 
 def request(**fields):
@@ -158,3 +174,119 @@ def test_a_body_that_is_not_json_is_a_400():
     with pytest.raises(APIError) as info:
         parse(b"{nope")
     assert info.value.code == "invalid_json"
+
+
+# -- the response object and its event stream, from scripted Generation events ---------------------
+class ScriptedGeneration:
+    """Stands in for Generation: yields the given events, then ends the way the last one says."""
+
+    def __init__(self, events):
+        self._events = events
+        done = events[-1]
+        self.choices = [SimpleNamespace(done=done)]
+        self.completion_tokens, self.cached_tokens = done.completion_tokens, 2
+        self.closed = False
+
+    def events(self):
+        yield from self._events
+
+    def close(self):
+        self.closed = True
+
+
+def serve(monkeypatch, events, stream: bool, **fields):
+    """(the response or the SSE text, the serving) for one request whose generation yields `events`."""
+    from app.api.responses import serving as module
+
+    generation = ScriptedGeneration(events)
+    monkeypatch.setattr(module, "Generation", lambda ctx, request, environ: generation)
+    serving = module.ResponsesServing(None, SimpleNamespace(keys=lambda: ()), None, None)
+    body = request(input="Weather?", **fields)
+    gen_request = GenerationRequest("resp_test", [1, 2, 3, 4], 10, SamplingParams())
+    store = body.store is not False
+    prepared = module.Prepared(gen_request, module._head("resp_test", "m", body, store),
+                               [{"role": "user", "content": "Weather?"}], "client-a", store)
+    if not stream:
+        return serving.complete(prepared, {}), serving
+    out = "".join(serving.stream(prepared, {}))
+    assert generation.closed
+    return out, serving
+
+
+def sse_events(text: str) -> list[dict]:
+    events = []
+    for block in text.split("\n\n"):
+        if block.startswith("event: "):
+            name, data = block.split("\n")
+            payload = json.loads(data[len("data: "):])
+            assert payload["type"] == name[len("event: "):] and payload["sequence_number"] == len(events)
+            events.append(payload)
+    return events
+
+
+CALL_EVENTS = [None, TextDelta(0, "Let me check."),
+               ToolCallEvent(0, ToolCallDelta(0, "call_1", "get_weather", "")),
+               ToolCallEvent(0, ToolCallDelta(0, None, None, "{\"city\": ")),
+               ToolCallEvent(0, ToolCallDelta(0, None, None, "\"Paris\"}")),
+               ChoiceDone(0, FinishReason.TOOL_CALLS, 9)]
+
+
+def test_text_then_a_call_stream_as_two_items_in_order(monkeypatch):
+    text, _ = serve(monkeypatch, CALL_EVENTS, stream=True, tools=[WEATHER])
+    assert ": keep-alive\n\n" in text
+    events = sse_events(text)
+    assert [e["type"] for e in events] == [
+        "response.created", "response.in_progress",
+        "response.output_item.added", "response.content_part.added", "response.output_text.delta",
+        "response.output_text.done", "response.content_part.done", "response.output_item.done",
+        "response.output_item.added", "response.function_call_arguments.delta",
+        "response.function_call_arguments.delta", "response.function_call_arguments.done",
+        "response.output_item.done", "response.completed"]
+    assert events[8]["item"] == {"type": "function_call", "id": events[8]["item"]["id"], "call_id": "call_1",
+                                 "name": "get_weather", "arguments": "", "status": "in_progress"}
+    assert events[11]["arguments"] == "{\"city\": \"Paris\"}" and events[11]["output_index"] == 1
+    final = events[-1]["response"]
+    assert [i["type"] for i in final["output"]] == ["message", "function_call"]
+    assert final["output_text"] == "Let me check." and final["usage"] == {
+        "input_tokens": 4, "input_tokens_details": {"cached_tokens": 2}, "output_tokens": 9,
+        "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 13}
+
+
+def test_a_plain_response_has_the_items_a_stream_ends_with(monkeypatch):
+    text, _ = serve(monkeypatch, CALL_EVENTS, stream=True, tools=[WEATHER])
+    plain, serving = serve(monkeypatch, CALL_EVENTS, stream=False, tools=[WEATHER])
+    streamed = sse_events(text)[-1]["response"]
+    strip = lambda r: [{k: v for k, v in i.items() if k != "id"} for i in r["output"]]  # noqa: E731
+    assert strip(plain) == strip(streamed) and plain["status"] == "completed"
+    stored = serving.store.get("client-a", "resp_test")
+    call = {"id": "call_1", "type": "function",
+            "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}
+    assert stored.response is plain and stored.conversation == [
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "content": "Let me check.", "tool_calls": [call]}]
+
+
+def test_a_response_cut_by_length_is_incomplete_and_never_empty(monkeypatch):
+    plain, _ = serve(monkeypatch, [ChoiceDone(0, FinishReason.LENGTH, 10)], stream=False)
+    assert plain["status"] == "incomplete" and plain["incomplete_details"] == {"reason": "max_output_tokens"}
+    (message,) = plain["output"]
+    assert message["status"] == "incomplete" and message["content"][0]["text"] == ""
+    text, _ = serve(monkeypatch, [TextDelta(0, "Once"), ChoiceDone(0, FinishReason.LENGTH, 10)], stream=True)
+    assert sse_events(text)[-1]["type"] == "response.incomplete"
+
+
+def test_an_engine_error_is_a_500_or_an_error_event_and_nothing_is_stored(monkeypatch):
+    events = [TextDelta(0, "Hi"), ChoiceDone(0, FinishReason.ERROR, 1, error="boom")]
+    with pytest.raises(APIError) as info:
+        serve(monkeypatch, events, stream=False)
+    assert info.value.status == 500
+    text, serving = serve(monkeypatch, events, stream=True)
+    last = sse_events(text)[-1]
+    assert last["type"] == "error" and last["code"] == "engine_error" and "boom" in last["message"]
+    assert len(serving.store) == 0
+
+
+def test_store_false_keeps_nothing(monkeypatch):
+    plain, serving = serve(monkeypatch, [TextDelta(0, "Hi"), ChoiceDone(0, FinishReason.STOP, 1)], stream=False,
+                           store=False)
+    assert plain["store"] is False and len(serving.store) == 0

@@ -155,7 +155,7 @@ class CountTokensRequest(_Strict):
                           tool_choice={"any": "required", "tool": "named"}.get(kind, kind),
                           tool_name=choice.name if choice else None,
                           parallel=not (choice and choice.disable_parallel_tool_use),
-                          tool_schema_key="input_schema")
+                          tool_params=tuple(f"tools.{i}.input_schema" for i in range(len(self.tools or []))))
 
 
 class MessagesRequest(CountTokensRequest):

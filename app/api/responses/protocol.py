@@ -16,10 +16,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator,
-                      model_validator)
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
-from app.errors import bad_request, from_validation
+from app.errors import bad_request
 from app.generation.constraints import OutputSpec
 from engine.sampling import SamplingParams
 
@@ -27,30 +26,31 @@ MAX_TOOLS = 128
 MAX_ITEMS = 4096
 FUNCTION_NAME = r"^[a-zA-Z0-9_-]{1,64}$"
 CallId = Annotated[str, Field(min_length=1, max_length=256)]
-# Union branch labels pydantic puts into an error's location; a client's param never has them.
-_TAGS = frozenset({"string", "list", "object", "message", "function_call", "function_call_output", "input_text",
-                   "output_text", "media", "function", "other"})
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
-def _by_type(default: Optional[str] = None, known: tuple[str, ...] = (), other: Optional[str] = None):
-    """A discriminator on "type" (absent: `default`); a type outside `known` is `other`."""
+def _by_type(known: tuple[str, ...], default: Optional[str] = None, other: Optional[str] = None):
+    """Picks a union's member by "type" (absent: `default`). Members are tagged with their type in
+    CamelCase, which error paths leave out (app.errors). A type outside `known` picks `other`, or
+    none (the union's own error)."""
     def pick(value):
         kind = value.get("type", default) if isinstance(value, dict) else getattr(value, "type", default)
-        return other if other and kind not in known else kind
+        if kind in known:
+            return "".join(word.capitalize() for word in kind.split("_"))
+        return other
     return pick
 
 
 def _shape(value) -> str:
-    return "string" if isinstance(value, str) else "list" if isinstance(value, list) else "object"
+    return "str" if isinstance(value, str) else "list" if isinstance(value, list) else "Object"
 
 
 def _string_or(string: Any, other: Any, what: str, tag: str = "list") -> Any:
     """A string-or-`other` field: a wrong value gets one error (not one per branch) that says what fits."""
-    return Annotated[Union[Annotated[string, Tag("string")], Annotated[other, Tag(tag)]],
+    return Annotated[Union[Annotated[string, Tag("str")], Annotated[other, Tag(tag)]],
                      Discriminator(_shape, custom_error_type="invalid_type",
                                    custom_error_message=f"Input should be a string or {what}")]
 
@@ -74,9 +74,9 @@ class MediaPart(BaseModel):
     type: Literal["input_image", "input_file", "input_audio"]
 
 
-Part = Annotated[Union[Annotated[InputText, Tag("input_text")], Annotated[OutputText, Tag("output_text")],
-                       Annotated[MediaPart, Tag("media")]],
-                 Discriminator(_by_type(known=("input_text", "output_text"), other="media"))]
+Part = Annotated[Union[Annotated[InputText, Tag("InputText")], Annotated[OutputText, Tag("OutputText")],
+                       Annotated[MediaPart, Tag("Media")]],
+                 Discriminator(_by_type(("input_text", "output_text"), other="Media"))]
 Parts = Annotated[list[Part], Field(min_length=1)]
 Content = _string_or(str, Parts, "a list of content parts")
 
@@ -122,9 +122,9 @@ class FunctionCallOutputItem(_Strict):
         return self.output if isinstance(self.output, str) else "".join(p.text for p in self.output)
 
 
-Item = Annotated[Union[Annotated[MessageItem, Tag("message")], Annotated[FunctionCallItem, Tag("function_call")],
-                       Annotated[FunctionCallOutputItem, Tag("function_call_output")]],
-                 Discriminator(_by_type("message"), custom_error_type="invalid_item",
+Item = Annotated[Union[Annotated[MessageItem, Tag("Message")], Annotated[FunctionCallItem, Tag("FunctionCall")],
+                       Annotated[FunctionCallOutputItem, Tag("FunctionCallOutput")]],
+                 Discriminator(_by_type(("message", "function_call", "function_call_output"), default="message"), custom_error_type="invalid_item",
                                custom_error_message="input items are message, function_call or "
                                                     "function_call_output")]
 
@@ -174,7 +174,7 @@ class TextConfig(_Strict):
 
 Input = _string_or(str, Annotated[list[Item], Field(min_length=1, max_length=MAX_ITEMS)], "a list of items")
 ToolChoice = _string_or(Literal["none", "auto", "required"], NamedFunction, '{"type": "function", "name": ...}',
-                        "object")
+                        "Object")
 
 
 class ResponsesRequest(_Strict):
@@ -182,8 +182,8 @@ class ResponsesRequest(_Strict):
     input: Input
     instructions: Optional[str] = None
     tools: Optional[Annotated[list[Annotated[
-        Union[Annotated[FunctionTool, Tag("function")], Annotated[HostedTool, Tag("other")]],
-        Discriminator(_by_type(known=("function",), other="other"))]], Field(max_length=MAX_TOOLS)]] = None
+        Union[Annotated[FunctionTool, Tag("Function")], Annotated[HostedTool, Tag("Hosted")]],
+        Discriminator(_by_type(("function",), other="Hosted"))]], Field(max_length=MAX_TOOLS)]] = None
     tool_choice: Optional[ToolChoice] = None
     parallel_tool_calls: Optional[bool] = None
     text: Optional[TextConfig] = None
@@ -230,19 +230,8 @@ class ResponsesRequest(_Strict):
             tool_choice="named" if named else (self.tool_choice or "auto"), tool_name=named.name if named else None,
             parallel=self.parallel_tool_calls is not False, json_mode=json_mode,
             schema=fmt.schema_ if json_mode == "schema" else None, strict=bool(fmt and fmt.strict),
-            tools_param="tools", format_param="text.format")
-
-
-def parse(raw: bytes) -> ResponsesRequest:
-    """The request, or a 400 whose param is the client's path (without pydantic's union labels)."""
-    try:
-        return ResponsesRequest.model_validate_json(raw or b"null")
-    except ValidationError as exc:
-        error = from_validation(exc)
-        if error.param:
-            clean = ".".join(p for p in error.param.split(".") if p not in _TAGS) or None
-            error.message, error.param = error.message.replace(f"'{error.param}'", f"'{clean}'"), clean
-        raise error from None
+            tools_param="tools", format_param="text.format", schema_param="text.format.schema",
+            tool_params=tuple(f"tools.{i}.parameters" for i, t in enumerate(self.tools or []) if isinstance(t, FunctionTool)))
 
 
 def input_messages(body: ResponsesRequest, history: list[dict]) -> list[dict]:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from flask import Blueprint, current_app, g, jsonify, request
 
-from app.api.responses.protocol import parse
+from app.api.responses.protocol import ResponsesRequest
 from app.http import json_body, sse_response
 
 blueprint = Blueprint("responses", __name__)
@@ -17,7 +17,7 @@ def _orchard():
 def create_response():
     orchard = _orchard()
     orchard.refuse_if_draining()
-    body = parse(json_body())
+    body = ResponsesRequest.model_validate_json(json_body() or b"null")
     serving = orchard.serving("responses")
     prepared = serving.prepare(body, g.client_id, g.request_id)
     if not body.stream:

@@ -17,7 +17,7 @@ from app.api.responses.protocol import (NamedFunction, ResponsesRequest, input_m
 from app.api.responses.store import ResponseStore
 from app.errors import APIError
 from app.generation.admission import Admission
-from app.generation.constraints import Constraints, Plan
+from app.generation.constraints import Constraints
 from app.generation.events import ChoiceDone, FinishReason, TextDelta, ToolCallEvent
 from app.generation.generation import Generation, GenerationContext
 from app.generation.request import GenerationRequest
@@ -56,7 +56,7 @@ class ResponsesServing:
         history = self._history(body.previous_response_id, client)
         messages = history + input_messages(body, history)
         system = [{"role": "system", "content": body.instructions}] if body.instructions else []
-        plan = self._plan(body)
+        plan = self.constraints.plan(body.output_spec())
         tools = tool_definitions(body) if body.tool_choice != "none" else None
         prompt = render_prompt(self.ctx.text, system + messages, tools or None)
         max_tokens = self.admission.max_tokens(body.max_output_tokens, "max_output_tokens", len(prompt), "input")
@@ -118,31 +118,13 @@ class ResponsesServing:
             raise _not_found(previous_id, "previous_response_id")
         return entry.conversation
 
-    def _plan(self, body: ResponsesRequest) -> Plan:
-        """Constraints names chat's paths for a schema it refuses; name this API's instead."""
-        try:
-            return self.constraints.plan(body.output_spec())
-        except APIError as error:
-            param = error.param or ""
-            if param.startswith("tools.") and param.endswith(".function.parameters"):
-                nth = int(param.split(".")[1])
-                index = [i for i, t in enumerate(body.tools or []) if t.type == "function"][nth]
-                error.param = f"tools.{index}.parameters"
-            elif param == "text.format.json_schema.schema":
-                error.param = "text.format.schema"
-            error.message = error.message.replace(param, error.param or "") if param else error.message
-            raise
-
     def _finish(self, prepared: Prepared, generation: Generation, writer: "OutputWriter") -> dict:
         """The final response object: written out, stored, and announced on a stream."""
         status, reason = STATUS[generation.choices[0].done.reason]
         writer.finish(status)
-        prompt, output = len(prepared.request.prompt_tokens), generation.completion_tokens
+        usage = _usage(len(prepared.request.prompt_tokens), generation.completion_tokens, generation.cached_tokens)
         response = dict(prepared.head, status=status, output=writer.items, output_text=writer.text,
-                        incomplete_details={"reason": reason} if reason else None, usage={
-                            "input_tokens": prompt, "input_tokens_details": {"cached_tokens": generation.cached_tokens},
-                            "output_tokens": output, "output_tokens_details": {"reasoning_tokens": 0},
-                            "total_tokens": prompt + output})
+                        incomplete_details={"reason": reason} if reason else None, usage=usage)
         if prepared.store:
             self.store.put(prepared.scope, response, prepared.conversation + output_messages(writer.items))
         writer.event("response.completed" if status == "completed" else "response.incomplete", response=response)
@@ -217,9 +199,9 @@ class OutputWriter:
         return {"item_id": self._open["id"], "output_index": len(self.items) - 1}
 
     def _close(self, status: str) -> None:
-        item, where = self._open, self._where() if self._open else {}
-        if item is None:
+        if self._open is None:
             return
+        item, where = self._open, self._where()
         if item["type"] == "message":
             part = item["content"][0]
             self.event("response.output_text.done", **where, content_index=0, text=part["text"], logprobs=[])
@@ -246,6 +228,11 @@ def _head(response_id: str, model: str, body: ResponsesRequest, store: bool) -> 
             "tool_choice": choice.model_dump() if isinstance(choice, NamedFunction) else (choice or "auto"),
             "tools": [t.echo() for t in body.function_tools()], "top_p": 1.0 if body.top_p is None else body.top_p,
             "truncation": "disabled", "usage": None, "user": body.user}
+
+
+def _usage(prompt: int, output: int, cached: int) -> dict:
+    return {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": cached}, "output_tokens": output,
+            "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": prompt + output}
 
 
 def _new_id(prefix: str) -> str:

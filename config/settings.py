@@ -43,6 +43,11 @@ class Settings:
     default_max_tokens: int = _spec("DEFAULT_MAX_TOKENS", "max_tokens when a request gives none", min=1, max=1_000_000)
     model_aliases: str = _spec("MODEL_ALIASES", "comma-separated names or glob patterns (e.g. claude-*) that clients "
                                                 "may use for the served model; from the operator only")
+    responses_store_count: int = _spec("RESPONSES_STORE_COUNT", "stored /v1/responses objects kept (all keys)",
+                                       min=0, max=1_000_000)
+    responses_store_bytes: int = _spec("RESPONSES_STORE_BYTES", "bytes the /v1/responses store may hold",
+                                       min=0, max=1 << 40)
+    responses_store_ttl: int = _spec("RESPONSES_STORE_TTL", "seconds a stored response lives", min=1, max=30 * 86400)
     max_n: int = _spec("MAX_N", "largest `n` (choices per request) a request may ask for", min=1, max=128)
     tool_parser: str = _spec("TOOL_PARSER", "tool-call format: auto (from the chat template), hermes or llama3_json")
     prefill_step_size: int = _spec("PREFILL_STEP_SIZE", "prompt tokens processed per engine step (smaller keeps decode smooth)", min=16, max=65536)
@@ -132,6 +137,9 @@ DEFAULTS: dict[str, str] = {
     "MAX_TOKENS_LIMIT": "8192",
     "DEFAULT_MAX_TOKENS": "512",
     "MAX_N": "8",
+    "RESPONSES_STORE_COUNT": "1000",
+    "RESPONSES_STORE_BYTES": str(64 * 1024 * 1024),
+    "RESPONSES_STORE_TTL": "3600",
     "MODEL_ALIASES": "",
     "TOOL_PARSER": "auto",
     "PREFILL_STEP_SIZE": "512",

@@ -47,7 +47,8 @@ class ResponsesServing:
         self.settings = settings
         self.admission = admission
         self.constraints = constraints
-        self.store = store or ResponseStore()
+        self.store = store or ResponseStore(settings.responses_store_count, settings.responses_store_bytes,
+                                            float(settings.responses_store_ttl))
         self._keys_on = bool(settings.keys())  # then a client is a key id, and scopes the prefix cache
 
     def prepare(self, body: ResponsesRequest, client: str, request_id: str) -> Prepared:

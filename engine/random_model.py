@@ -85,6 +85,10 @@ TOOL_CALL_TOKENS = ["<tool_call>", "</tool_call>"]
 SHAPES = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=512, max_position_embeddings=1024, tie_word_embeddings=True),
+    # A tiny model with Qwen2.5's 32k context and an 8k-token vocabulary (trained on Python's own
+    # sources, so English and JSON tokenize ~3-4 characters a token): agents' 11-13k-token requests fit.
+    "tiny-32k": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, vocab_size=8192, max_position_embeddings=32768, tie_word_embeddings=True),
     "qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                          num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768,
                          tie_word_embeddings=True),
@@ -139,9 +143,10 @@ def _write_tokenizer(out_dir: Path, vocab_size: int) -> int:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=min(vocab_size, 400), special_tokens=SPECIAL_TOKENS,
+    merges = min(vocab_size, 400) if vocab_size <= 512 else vocab_size - 16  # room for the added tokens
+    trainer = trainers.BpeTrainer(vocab_size=merges, special_tokens=SPECIAL_TOKENS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator([_CORPUS], trainer=trainer)
+    tok.train_from_iterator([_CORPUS] if vocab_size <= 512 else _larger_corpus(), trainer=trainer)
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in TOOL_CALL_TOKENS])
     tok.save(str(out_dir / "tokenizer.json"))
     ids = [tok.token_to_id(t) for t in SPECIAL_TOKENS]
@@ -159,6 +164,19 @@ def _write_tokenizer(out_dir: Path, vocab_size: int) -> int:
     assert ids == list(range(len(SPECIAL_TOKENS))), ids  # trainers put special tokens first
     assert len(SPECIAL_TOKENS) <= min(tool_ids) and max(tool_ids) < vocab_size, tool_ids
     return len(SPECIAL_TOKENS)
+
+
+def _larger_corpus(limit: int = 4_000_000):
+    """Text for a larger vocabulary: the standard library's own sources (on every machine)."""
+    import json as stdlib_json
+
+    total = 0
+    for path in sorted(Path(stdlib_json.__file__).resolve().parents[1].glob("*.py")):
+        text = path.read_text(encoding="utf-8", errors="ignore")
+        total += len(text)
+        yield text
+        if total > limit:
+            return
 
 
 def _write_weights(out_dir: Path, config: dict, dtype: str, seed: int) -> None:

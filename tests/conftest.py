@@ -31,6 +31,25 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return write_random_model(tmp_path_factory.mktemp("tiny-qwen2"), "tiny")
 
 
+@pytest.fixture(scope="session")
+def long_context_model_dir(tmp_path_factory) -> Path:
+    """A tiny random Qwen2 with Qwen2.5's 32k context and an 8k vocabulary: agents' long requests fit."""
+    from engine.random_model import write_random_model
+
+    return write_random_model(tmp_path_factory.mktemp("tiny-32k"), "tiny-32k")
+
+
+AGENTS_BIN = Path(os.environ.get("ORCHARD_AGENTS_DIR", Path("~/.cache/orchard/agents").expanduser())) / "node_modules/.bin"
+
+
+def agent_cli(name: str) -> str:
+    """The path of an agent CLI installed by scripts/install-agent-clis.sh; skips the test without it."""
+    path = AGENTS_BIN / name
+    if not path.exists():
+        pytest.skip(f"{name} not installed (run scripts/install-agent-clis.sh)")
+    return str(path)
+
+
 @pytest.fixture(scope="module")
 def embedded_server_factory(tmp_path_factory, orchard_home, embedded_model_dir):
     """Start real Gunicorn servers on the embedded model with extra settings; each is checked for

@@ -5,6 +5,8 @@ from functools import lru_cache
 
 from app.api.chat.protocol import ChatCompletionRequest
 from app.api.completions.protocol import CompletionRequest
+from app.api.messages.protocol import CountTokensRequest, MessagesRequest
+from app.api.responses.protocol import ResponsesRequest
 from orchard import __version__
 
 _ERROR = {"description": "OpenAI error envelope", "content": {"application/json": {"schema": {
@@ -29,21 +31,31 @@ def _post(summary: str, schema: str, security: list) -> dict:
                 **_errors(400, 401, 404, 413, 415, 429, 503)}}
 
 
+def _by_id(summary: str, security: list) -> dict:
+    return {"summary": summary, "security": security,
+            "parameters": [{"name": "response_id", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "responses": {"200": _JSON, **_errors(401, 404, 503)}}
+
+
 @lru_cache(maxsize=1)
 def document() -> dict:
     schema = ChatCompletionRequest.model_json_schema(ref_template="#/components/schemas/{model}")
     defs = schema.pop("$defs", {})
-    completion = CompletionRequest.model_json_schema(ref_template="#/components/schemas/{model}")
-    defs.update(completion.pop("$defs", {}))
+    bodies = {}
+    for model in (CompletionRequest, ResponsesRequest, MessagesRequest, CountTokensRequest):
+        bodies[model.__name__] = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        defs.update(bodies[model.__name__].pop("$defs", {}))
     security = [{"bearer": []}]
+    anthropic = [{"bearer": []}, {"x-api-key": []}]
     get_json = lambda summary: {"summary": summary, "security": security,  # noqa: E731
                                 "responses": {"200": _JSON, **_errors(401, 503)}}
     return {
         "openapi": "3.1.0",
         "info": {"title": "Orchard", "version": __version__,
                  "description": "OpenAI-compatible LLM inference server for Apple silicon"},
-        "components": {"schemas": {"ChatCompletionRequest": schema, "CompletionRequest": completion, **defs},
-                       "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+        "components": {"schemas": {"ChatCompletionRequest": schema, **bodies, **defs},
+                       "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"},
+                                           "x-api-key": {"type": "apiKey", "in": "header", "name": "x-api-key"}}},
         "paths": {
             "/health": {"get": {"summary": "Liveness and readiness", "responses": {"200": _JSON, **_errors(503)}}},
             "/v1/models": {"get": get_json("Served models")},
@@ -62,5 +74,12 @@ def document() -> dict:
                     **_errors(400, 401, 404, 413, 415, 429, 503)}}},
             "/v1/completions": {"post": _post("Text completion (JSON, or SSE when stream is true)",
                                               "CompletionRequest", security)},
+            "/v1/responses": {"post": _post("Responses API (JSON, or SSE events when stream is true)",
+                                            "ResponsesRequest", security)},
+            "/v1/responses/{response_id}": {
+                "get": _by_id("A stored response", security), "delete": _by_id("Delete a stored response", security)},
+            "/v1/messages": {"post": _post("Anthropic Messages (JSON, or SSE events when stream is true); errors in "
+                                           "Anthropic's envelope", "MessagesRequest", anthropic)},
+            "/v1/messages/count_tokens": {"post": _post("Anthropic token count", "CountTokensRequest", anthropic)},
         },
     }

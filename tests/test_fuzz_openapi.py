@@ -19,7 +19,10 @@ from tests.engine_harness import running_app
 
 MAX_EXAMPLES = 60
 OPERATIONS = ["GET /health", "GET /v1/models", "GET /v1/models/{model_id}", "GET /v1/system/status",
-              "POST /v1/chat/completions", "POST /v1/completions"]
+              "POST /v1/chat/completions", "POST /v1/completions", "POST /v1/responses",
+              "GET /v1/responses/{response_id}", "DELETE /v1/responses/{response_id}", "POST /v1/messages",
+              "POST /v1/messages/count_tokens"]
+GENERATING = {"/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages"}
 
 
 @pytest.fixture(scope="module")
@@ -37,10 +40,14 @@ def api_schema(fuzz_app):
     return schemathesis.openapi.from_wsgi("/openapi.json", fuzz_app, config=config)
 
 
-def assert_envelope(response) -> None:
+def assert_envelope(response, path: str) -> None:
     headers = {key.lower(): values for key, values in response.headers.items()}
     assert headers["content-type"][0].startswith("application/json"), headers
     body = response.json()
+    if path.startswith("/v1/messages"):  # Anthropic's clients read Anthropic's envelope
+        assert set(body) == {"type", "error"} and body["type"] == "error", body
+        assert set(body["error"]) == {"type", "message"} and body["error"]["message"], body
+        return
     assert set(body) == {"error"}, body
     error = body["error"]
     assert set(error) == {"message", "type", "param", "code"}, error
@@ -68,9 +75,18 @@ def plain_chat(case):
     case = for_the_served_model(case)
     if isinstance(case.body, dict) and "model" in case.body:
         kept = {k: case.body[k] for k in SAMPLING_FIELDS if k in case.body}
-        turn = {"messages": [{"role": "user", "content": "hi"}]} if "messages" in case.body else {"prompt": "hi"}
-        case.body = {"model": "tiny", **turn, **kept}
+        case.body = {"model": "tiny", **kept, **_plain_turn(case)}
     return case
+
+
+def _plain_turn(case) -> dict:
+    path = case.operation.path
+    if path == "/v1/completions":
+        return {"prompt": "hi"}
+    if path == "/v1/responses":
+        return {"input": "hi"}
+    turn = {"messages": [{"role": "user", "content": "hi"}]}
+    return dict(turn, max_tokens=4) if path.startswith("/v1/messages") and path != "/v1/messages/count_tokens" else turn
 
 
 def test_every_operation_in_the_document_is_fuzzed(api_schema):
@@ -103,9 +119,9 @@ def test_no_server_errors_and_every_client_error_is_an_envelope(api_schema, labe
         case.validate_response(response, checks=[not_a_server_error])
         assert response.status_code < 500, response.text
         if 400 <= response.status_code < 500:
-            assert_envelope(response)
+            assert_envelope(response, path)
 
     run()
     print(f"{label}: statuses {dict(sorted(statuses.items()))}")
-    if path in ("/v1/chat/completions", "/v1/completions"):
+    if path in GENERATING:
         assert statuses.get(200), f"no generated request reached the engine: {statuses}"

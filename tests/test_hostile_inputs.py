@@ -327,6 +327,76 @@ CASES = [
 ]
 
 
+def api(path: str, body, **kwargs) -> Req:
+    return Req(body, path=path, **kwargs)
+
+
+def completion(**changes) -> dict:
+    return {k: v for k, v in {"model": "tiny", "prompt": "hi", "max_tokens": 4, **changes}.items() if v is not ...}
+
+
+def response_req(**changes) -> dict:
+    return {k: v for k, v in {"model": "tiny", "input": "hi", "max_output_tokens": 4, **changes}.items()
+            if v is not ...}
+
+
+def message(**changes) -> dict:
+    body = {"model": "tiny", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}], **changes}
+    return {k: v for k, v in body.items() if v is not ...}
+
+
+ANTHROPIC = "anthropic"
+# The other APIs: each answers in its own envelope (OpenAI's, or Anthropic's under /v1/messages).
+# (request, status, envelope, OpenAI code or Anthropic error type, OpenAI param)
+API_CASES = [
+    pytest.param(api("/v1/completions", completion(prompt=...)), 400, "openai", "invalid_value", "prompt",
+                 id="completions-prompt-missing"),
+    pytest.param(api("/v1/completions", completion(prompt=[[]])), 400, "openai", "invalid_value", None,
+                 id="completions-empty-token-list"),
+    pytest.param(api("/v1/completions", completion(prompt=[70000])), 400, "openai", "invalid_value", "prompt",
+                 id="completions-token-outside-vocabulary"),
+    pytest.param(api("/v1/completions", completion(logprobs=6)), 400, "openai", "invalid_value", "logprobs",
+                 id="completions-logprobs-6"),
+    pytest.param(api("/v1/completions", completion(suffix="x")), 400, "openai", "invalid_value", "suffix",
+                 id="completions-suffix"),
+    pytest.param(api("/v1/completions", completion(best_of=2)), 400, "openai", "invalid_value", None,
+                 id="completions-best-of-over-n"),
+    pytest.param(api("/v1/completions", completion(model="nope")), 404, "openai", "model_not_found", "model",
+                 id="completions-unknown-model"),
+    pytest.param(api("/v1/completions", completion(prompt=["x"] * 65)), 400, "openai", "invalid_value", "prompt",
+                 id="completions-65-prompts"),
+    pytest.param(api("/v1/responses", response_req(input=...)), 400, "openai", "invalid_value", "input",
+                 id="responses-input-missing"),
+    pytest.param(api("/v1/responses", response_req(input=[{"type": "message", "role": "user", "content": [
+        {"type": "input_image", "image_url": "file:///etc/passwd"}]}])), 400, "openai", "unsupported_content",
+                 None, id="responses-image-part"),
+    pytest.param(api("/v1/responses", response_req(previous_response_id="resp_nope")), 404, "openai", None,
+                 "previous_response_id", id="responses-unknown-previous-id"),
+    pytest.param(api("/v1/responses/resp_nope", b"", method="GET"), 404, "openai", None, None,
+                 id="responses-get-unknown"),
+    pytest.param(api("/v1/responses", response_req(temperature=5)), 400, "openai", "invalid_value", "temperature",
+                 id="responses-temperature-5"),
+    pytest.param(api("/v1/messages", message(max_tokens=...)), 400, ANTHROPIC, "invalid_request_error", None,
+                 id="messages-max-tokens-missing"),
+    pytest.param(api("/v1/messages", message(messages=[{"role": "user", "content": [
+        {"type": "image", "source": {"type": "url", "url": "file:///etc/passwd"}}]}])), 400, ANTHROPIC,
+                 "invalid_request_error", None, id="messages-image-block"),
+    pytest.param(api("/v1/messages", message(model="nope")), 404, ANTHROPIC, "not_found_error", None,
+                 id="messages-unknown-model"),
+    pytest.param(api("/v1/messages", message(), auth=None, extra=[b"x-api-key: wrong"]), 401, ANTHROPIC,
+                 "authentication_error", None, id="messages-wrong-x-api-key"),
+    pytest.param(api("/v1/messages", b"{not json"), 400, ANTHROPIC, "invalid_request_error", None,
+                 id="messages-invalid-json"),
+    pytest.param(api("/v1/messages", OVERSIZED), 413, ANTHROPIC, "request_too_large", None,
+                 id="messages-body-over-64kb"),
+    pytest.param(api("/v1/messages/count_tokens", message(messages=[])), 400, ANTHROPIC,
+                 "invalid_request_error", None, id="count-tokens-no-messages"),
+    pytest.param(api("/v1/messages", message(tool_choice={"type": "tool", "name": "nope"}, tools=[
+        {"name": "f", "input_schema": {"type": "object"}}])), 400, ANTHROPIC, "invalid_request_error", None,
+                 id="messages-unknown-named-tool"),
+]
+
+
 @pytest.fixture(scope="module")
 def server(tiny_server_factory):
     return tiny_server_factory(API_KEYS=KEY, MAX_BODY_BYTES=str(MAX_BODY))
@@ -366,6 +436,26 @@ def test_hostile_request_gets_a_4xx_envelope(server, req, status, code, param):
     assert request_id.replace("-", "").replace(".", "").replace(":", "").replace("_", "").isalnum()
     assert len(request_id) <= 128 and "<" not in request_id and "%" not in request_id
     assert "evil" not in json.dumps(error)
+
+
+@pytest.mark.parametrize("req, status, envelope, kind, param", API_CASES)
+def test_hostile_request_to_another_api_gets_its_own_envelope(server, req, status, envelope, kind, param):
+    reply = exchange(server.port, req.to_bytes())
+    if envelope == "openai":
+        assert_envelope(reply, status, kind, param)
+        return
+    assert reply.status == status, (reply.status, reply.body[:500])
+    assert reply.headers.get("content-type", "").split(";")[0] == "application/json"
+    payload = reply.json()
+    assert payload["type"] == "error" and set(payload["error"]) == {"type", "message"}, payload
+    assert payload["error"]["type"] == kind and payload["error"]["message"].strip(), payload
+
+
+def test_a_valid_key_in_x_api_key_is_accepted(server):
+    reply = exchange(server.port, api("/v1/messages", message(), auth=None,
+                                      extra=[b"x-api-key: " + KEY.encode(), b"anthropic-version: 2023-06-01"]).to_bytes())
+    assert reply.status == 200, reply.body[:500]
+    assert reply.json()["type"] == "message"
 
 
 def test_crlf_in_a_request_id_never_comes_back_raw(server):

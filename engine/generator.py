@@ -128,7 +128,9 @@ class Generator:
             max_tokens=[request.max_tokens],
             samplers=[self._samplers.sampler(params)],
             logits_processors=[processors],
-            stop_sequences=[self._stop_sequences(request.stop_token_ids, request.ignore_eos)],
+            # A grammar ends with EOS: its row never ignores it.
+            stop_sequences=[self._stop_sequences(request.stop_token_ids,
+                                                 request.ignore_eos and request.grammar is None)],
         )
         if request.cache_scope:
             self._scopes[uid] = request.cache_scope

@@ -26,12 +26,14 @@ contain them.
 from __future__ import annotations
 
 import copy
+import logging
 from typing import Iterable, Optional, Sequence
 
 import llguidance.hf
 import numpy as np
 from llguidance import LLMatcher, LLParserLimits, LLTokenizer
 
+log = logging.getLogger("orchard.engine")
 __all__ = ["build_grammar_tokenizer", "GrammarProcessor", "grammar_error", "make_processor"]
 
 
@@ -124,7 +126,8 @@ class GrammarProcessor:
     and its logits, shape (1, vocab). The first call consumes nothing; each later call feeds
     `tokens[-1]` to the matcher. Disallowed tokens, and padded embedding rows beyond the
     tokenizer's vocabulary, get -inf. Once the grammar is complete only the EOS ids are allowed.
-    A matcher error (a token the grammar does not allow, a parser limit) raises ValueError.
+    A matcher error (a token the grammar does not allow, a parser limit) ends the row: only EOS
+    is allowed from then on (raising would fail every row of the batch's step).
 
     Per step: one `consume_token`, one mask computation into a preallocated numpy buffer (bit
     words), `np.unpackbits` of it, and one `mx.where` over the row.
@@ -134,6 +137,7 @@ class GrammarProcessor:
                  vocab_size: int):
         self._matcher = matcher
         self._started = False
+        self.failed = False  # the matcher errored: the row was ended with EOS
         self.vocab_size = int(vocab_size)
         n_tok = tokenizer.vocab_size
         if self.vocab_size < n_tok:
@@ -190,15 +194,22 @@ class GrammarProcessor:
     def __call__(self, tokens, logits):
         import mlx.core as mx
 
-        if self._started:
-            self.consume(tokens[-1].item())
-        self._started = True
         width = logits.shape[-1]
         if width > 32 * self._words.size:
             raise ValueError(f"logits are {width} wide; this processor was built for {self.vocab_size}")
+        try:
+            if self._started:
+                self.consume(tokens[-1].item())
+            words = self.mask_words()
+        except ValueError as exc:
+            # Raising here would fail the whole batch's step: end this row instead (EOS only).
+            if not self.failed:
+                log.error("grammar row ended early: %s", exc)
+            self.failed, words = True, self._eos_words
+        self._started = True
         # Unpacked on the host (a fresh array, copied into MLX now: the word buffer is reused).
         # On the CPU backend this beats unpacking in MLX (one element-wise pass instead of four).
-        bits = np.unpackbits(self.mask_words().view(np.uint8), bitorder="little")[:width]
+        bits = np.unpackbits(words.view(np.uint8), bitorder="little")[:width]
         return mx.where(mx.array(bits.view(np.bool_)), logits, -float("inf"))
 
 

@@ -168,3 +168,15 @@ def test_a_scored_prompt_then_generates_as_it_would_without_scoring(engine, prom
                                                   prompt_logprobs=0)))
     tokens = [t for m in messages if isinstance(m, TokenDelta) for t in m.token_ids]
     assert tokens == plain
+
+
+def test_a_grammar_row_ends_at_its_grammar_even_with_ignore_eos(engine, prompts):
+    """ignore_eos would make a finished grammar's row sample past its end; the engine ends it."""
+    jobs = [gevent.spawn(run, engine, prompts[0], 12, sampling=GREEDY, ignore_eos=True),
+            gevent.spawn(run, engine, prompts[1], 60, sampling=SamplingParams(temperature=1.0, seed=3),
+                         grammar=_grammar(), ignore_eos=True)]
+    gevent.joinall(jobs, raise_error=True)
+    plain, constrained = jobs[0].value, jobs[1].value
+    assert plain[1].finish_reason == "length" and len(plain[0]) == 12
+    assert constrained[1].finish_reason == "stop"
+    assert set(json.loads(_text(engine, constrained[0]))) == {"n", "ok"}

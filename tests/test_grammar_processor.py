@@ -153,12 +153,16 @@ def test_padded_rows_masked_and_first_call_consumes_nothing(lt, hf_tok):
     assert np.all(np.array(out[0])[mask] == 5.0)  # allowed logits pass through untouched
 
 
-def test_rejected_token_raises_value_error(lt, hf_tok):
+def test_a_rejected_token_ends_the_row_instead_of_failing_the_batch(lt, hf_tok):
     proc = make_processor(json_schema_grammar({"type": "object"}, strict=False), lt, [EOS], VOCAB)
     proc(mx.array(PROMPT), mx.zeros((1, VOCAB)))
     bad = hf_tok.encode("x", add_special_tokens=False)[0]
     with pytest.raises(ValueError, match="rejected token"):
-        proc(mx.array(PROMPT + [bad]), mx.zeros((1, VOCAB)))
+        proc.consume(bad)  # the matcher itself refuses it ...
+    proc = make_processor(json_schema_grammar({"type": "object"}, strict=False), lt, [EOS], VOCAB)
+    proc(mx.array(PROMPT), mx.zeros((1, VOCAB)))
+    out = proc(mx.array(PROMPT + [bad]), mx.zeros((1, VOCAB)))  # ... but in a step the row just ends
+    assert proc.failed and allowed(out).tolist() == [EOS]
 
 
 def test_masks_survive_lazy_evaluation(lt, hf_tok):

@@ -256,6 +256,9 @@ CASES = [
     case(Req(chat(tools=[{"type": "function", "function": {"name": "f", "parameters": {
         "type": "object", "properties": {f"p{i}": {"type": "string", "description": "d" * 60} for i in range(900)}}}}])),
          413, "tool-schema-over-64kb-in-a-small-body", "request_too_large"),
+    case(Req(chat(tools=[{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"p": {"type": "string", "description": "d" * (1 << 20)}}}}}])),
+         413, "tool-schema-of-1mb", "request_too_large"),
     case(Req(chat(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 7}}})),
          400, "response-format-schema-invalid", "invalid_schema", "response_format.json_schema.schema"),
     case(Req(chat(response_format={"type": "json_schema"})), 400, "response-format-schema-missing",

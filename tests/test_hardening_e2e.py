@@ -166,9 +166,13 @@ def test_a_burst_of_200_gets_only_successes_and_designed_refusals(small):
 def test_a_request_queued_past_queue_timeout_is_refused(tiny_server_factory):
     server = tiny_server_factory(MAX_CONCURRENT_REQUESTS="1", QUEUE_TIMEOUT="1")
     url = server.base_url + "/v1/chat/completions"
-    with cf.ThreadPoolExecutor(2) as pool:
+    with cf.ThreadPoolExecutor(3) as pool:
+        # Two long requests ahead of it (the tiny model decodes ~1,000 tokens/s: one alone may
+        # free the only slot within QUEUE_TIMEOUT).
         long = pool.submit(requests.post, url, json=body(max_tokens=960, ignore_eos=True))
-        time.sleep(0.3)
+        time.sleep(0.05)
+        pool.submit(requests.post, url, json=body(max_tokens=960, ignore_eos=True))
+        time.sleep(0.25)
         start = time.monotonic()
         waited = requests.post(url, json=body())
         assert waited.status_code == 503 and waited.json()["error"]["type"] == "server_is_overloaded"

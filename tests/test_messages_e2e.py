@@ -3,10 +3,14 @@ driven by the official `anthropic` SDK. Every behaviour streamed (assembled by t
 stream helper) and not; the raw event order is read once without the SDK.
 
 The SDK (2.x) no longer takes `temperature` as an argument: it travels in extra_body.
+
+The server caps max_tokens at 64 (MAX_TOKENS_LIMIT): Claude Code asks 32000-128000 whatever the
+model, and a cap, unlike a limit, is no 400.
 """
 from __future__ import annotations
 
 import json
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import anthropic
@@ -28,9 +32,16 @@ GREEDY = {"temperature": 0}
 BOTH = [False, True]
 
 
+CLAUDE_CODE_BETAS = ["claude-code-20250219", "interleaved-thinking-2025-05-14", "context-management-2025-06-27",
+                     "per-turn-control-2026-07-01", "mid-conversation-tool-changes-2026-07-01",
+                     "thinking-token-count-2026-05-13", "advanced-tool-use-2025-11-20", "effort-2025-11-24"]
+SYSTEM_TEXT = ("You are a careful assistant for a small software project. Answer briefly, in plain words, and "
+               "say so when you are not sure. ") * 5
+
+
 @pytest.fixture(scope="module")
 def server(embedded_server_factory):
-    return embedded_server_factory(MODEL_ALIASES="claude-*")
+    return embedded_server_factory(MODEL_ALIASES="claude-*", MAX_TOKENS_LIMIT="64", DEFAULT_MAX_TOKENS="64")
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +56,12 @@ def ask(client, stream: bool, **kwargs) -> anthropic.types.Message:
         return client.messages.create(**kwargs)
     with client.messages.stream(**kwargs) as events:
         return events.get_final_message()
+
+
+def billing_header() -> dict:
+    """Claude Code's first system block: its nonce changes on every request."""
+    nonce = uuid.uuid4().hex[:5]
+    return {"type": "text", "text": f"x-anthropic-billing-header: cc_version=2.1.332.1c9; cc_entrypoint=cli; cch={nonce};"}
 
 
 def _validate_weather(block) -> None:
@@ -79,6 +96,86 @@ def test_a_stop_sequence_ends_the_text_and_is_named(client, stream):
 def test_max_tokens_cuts_the_reply(client, stream):
     reply = ask(client, stream, max_tokens=4, messages=COUNT, extra_body=GREEDY)
     assert reply.stop_reason == "max_tokens" and reply.usage.output_tokens == 4
+
+
+# -- Claude Code ----------------------------------------------------------------------------------
+def test_claude_codes_request_shape_streams_an_answer(client):
+    """Every field Claude Code 2.1.332 sends, through the SDK's beta path (?beta=true, anthropic-beta)."""
+    bash = {"name": "Bash", "description": "Executes a bash command", "input_schema": {
+        "$schema": "https://json-schema.org/draft/2020-12/schema", "type": "object",
+        "properties": {"command": {"type": "string"}}, "required": ["command"], "additionalProperties": False}}
+    placeholder = {"name": "DeferredToolPlaceholder", "description": "Never call this tool.",
+                   "input_schema": {"type": "object", "properties": {}}, "defer_loading": True}
+    kwargs = dict(
+        model="claude-opus-5-5", max_tokens=128000, betas=CLAUDE_CODE_BETAS,
+        system=[billing_header(),
+                {"type": "text", "text": "You are a Claude agent.", "cache_control": {"type": "ephemeral"}},
+                {"type": "text", "text": "Answer briefly.", "cache_control": {"type": "ephemeral"}}],
+        messages=[{"role": "user", "content": [{"type": "text", "text": "Say hello"}]},
+                  {"role": "system", "content": [{"type": "text", "text": "# Environment\n - Platform: linux",
+                                                  "cache_control": {"type": "ephemeral"}}]}],
+        tools=[bash, placeholder], thinking={"type": "adaptive", "display": "omitted"},
+        output_config={"effort": "medium"}, metadata={"user_id": json.dumps({"device_id": "d" * 64,
+                                                                             "session_id": str(uuid.uuid4())})},
+        context_management={"edits": [{"type": "clear_thinking_20251015", "keep": "all"}]})
+    with client.beta.messages.stream(**kwargs) as events:
+        reply = events.get_final_message()
+    assert reply.stop_reason in ("end_turn", "max_tokens", "tool_use") and reply.content
+    assert 0 < reply.usage.output_tokens <= 64  # 128000 asked, capped by MAX_TOKENS_LIMIT
+    counted = client.beta.messages.count_tokens(**{k: v for k, v in kwargs.items() if k not in ("max_tokens", "metadata")})
+    assert counted.input_tokens == reply.usage.input_tokens + reply.usage.cache_read_input_tokens
+
+
+def test_a_billing_header_with_a_new_nonce_each_turn_still_hits_the_prefix_cache(client):
+    """Claude Code's header is left out of the prompt: each turn reads the one before from the cache."""
+    history, prompts = [], []
+    for turn, question in enumerate(["What is a unit test?", "And an integration test?", "Which is faster?",
+                                     "Give one example of each."]):
+        history.append({"role": "user", "content": question})
+        reply = ask(client, True, max_tokens=12, extra_body=GREEDY, messages=history,
+                    system=[billing_header(), {"type": "text", "text": SYSTEM_TEXT,
+                                               "cache_control": {"type": "ephemeral"}}])
+        usage = reply.usage
+        prompts.append(usage.input_tokens + usage.cache_read_input_tokens)
+        if turn:
+            # Far more than the ~30 tokens before the nonce a header left in would share.
+            assert usage.cache_read_input_tokens >= 0.9 * prompts[-2], (turn, usage, prompts)
+        history.append({"role": "assistant", "content": reply.content})
+    with_header = client.messages.count_tokens(model=ALIAS, messages=history, system=[
+        billing_header(), {"type": "text", "text": SYSTEM_TEXT}]).input_tokens
+    assert with_header == client.messages.count_tokens(model=ALIAS, messages=history, system=SYSTEM_TEXT).input_tokens
+
+
+# -- max_tokens is a cap --------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_client(tiny_server_factory):
+    """The tiny Qwen2: a 1024-token context a test can fill."""
+    server = tiny_server_factory(MODEL_ALIASES="claude-*", MAX_TOKENS_LIMIT="16", DEFAULT_MAX_TOKENS="16")
+    return anthropic.Anthropic(base_url=server.base_url, api_key="x", max_retries=0, timeout=120)
+
+
+@pytest.mark.parametrize("stream", BOTH)
+def test_max_tokens_beyond_the_limit_or_the_context_stops_there(tiny_client, stream):
+    reply = ask(tiny_client, stream, max_tokens=32000, messages=COUNT, extra_body=GREEDY)
+    assert reply.stop_reason == "max_tokens" and reply.usage.output_tokens == 16  # MAX_TOKENS_LIMIT
+    def prompt(words: int) -> list[dict]:
+        return [{"role": "user", "content": "hello " * words}]
+
+    def count(words: int) -> int:
+        return tiny_client.messages.count_tokens(model=ALIAS, messages=prompt(words)).input_tokens
+
+    one, per_word = count(1), count(2) - count(1)
+    long = prompt(1 + (1024 - 8 - one) // per_word)  # a few tokens short of the context
+    prompt = count(len(long[0]["content"].split()))
+    assert 1024 - 16 < prompt < 1024, prompt  # leaves less room than the limit
+    reply = ask(tiny_client, stream, max_tokens=32000, messages=long, extra_body=GREEDY)
+    assert reply.stop_reason == "max_tokens" and reply.usage.output_tokens == 1024 - prompt
+
+
+def test_a_prompt_beyond_the_context_is_still_a_400(tiny_client):
+    with pytest.raises(anthropic.BadRequestError) as info:
+        tiny_client.messages.create(model=ALIAS, max_tokens=1, messages=[{"role": "user", "content": "hello " * 300}])
+    assert "context length" in info.value.body["error"]["message"]
 
 
 # -- tools ----------------------------------------------------------------------------------------

@@ -1,8 +1,10 @@
 """The Responses API through a real Gunicorn server on the embedded SmolLM2 and the official openai
 client: text, input items, max_output_tokens, forced and replayed function calls, structured
 output, stored conversations (previous_response_id, retrieve, delete, store=false, scopes) and the
-raw event stream. Every behaviour streamed and not; a stream is folded back into the response
-it ends with, after checking that its events add up to that response.
+raw event stream; Codex CLI's request shape (namespace tools, its ignored fields). Every behaviour
+streamed and not; a stream is folded back into the response it ends with, after checking that
+its events add up to that response. max_output_tokens as a cap runs on the tiny random Qwen2,
+whose 1k context is quick to fill.
 
 Two API keys, so that one client's stored responses are checked to be invisible to another.
 """
@@ -31,6 +33,11 @@ BOTH = [False, True]
 @pytest.fixture(scope="module")
 def server(embedded_server_factory):
     return embedded_server_factory(API_KEYS="key-a,key-b")
+
+
+@pytest.fixture(scope="module")
+def capped_server(tiny_server_factory):
+    return tiny_server_factory(MAX_TOKENS_LIMIT="64", DEFAULT_MAX_TOKENS="16")
 
 
 @pytest.fixture(scope="module")
@@ -139,6 +146,26 @@ def test_max_output_tokens_makes_the_response_incomplete(client, stream):
     assert reply["output"][-1]["status"] == "incomplete" and text_of(reply)
 
 
+@pytest.mark.parametrize("stream", BOTH)
+def test_max_output_tokens_is_a_cap_not_a_400(capped_server, stream):
+    """Above what MAX_TOKENS_LIMIT (64 here) or the context leaves, generation stops there: incomplete."""
+    client = capped_server.client()
+    context = client.models.list().data[0].model_extra["context_length"]
+    reply = ask(client, stream, model="tiny", input="Hello.", max_output_tokens=10**6, temperature=0)
+    assert reply["status"] == "incomplete" and reply["incomplete_details"] == {"reason": "max_output_tokens"}
+    assert reply["usage"]["output_tokens"] == 64 and reply["max_output_tokens"] == 10**6  # echoed as asked
+    long = ask(client, stream, model="tiny", input="The capital of France is Paris. " * 105, max_output_tokens=500,
+               temperature=0)
+    room = context - long["usage"]["input_tokens"]
+    assert 1 <= room < 64, "the prompt should leave the context less room than the limit"
+    assert long["status"] == "incomplete" and long["usage"]["output_tokens"] == room
+    default = ask(client, stream, model="tiny", input="Hello.", temperature=0)  # none given: DEFAULT_MAX_TOKENS
+    assert default["status"] == "incomplete" and default["usage"]["output_tokens"] == 16
+    with pytest.raises(openai.BadRequestError) as info:  # a prompt that alone exceeds the context
+        ask(client, stream, model="tiny", input="The capital of France is Paris. " * 200, max_output_tokens=10)
+    assert info.value.body["code"] == "context_length_exceeded" and info.value.body["param"] == "input"
+
+
 def test_unknown_fields_and_media_are_400s_that_name_them(client):
     with pytest.raises(openai.BadRequestError) as info:
         client.responses.create(model=MODEL, input="hi", extra_body={"frobnicate": 1})
@@ -192,6 +219,53 @@ def test_a_function_call_and_its_output_continue_the_conversation(client, stream
     with pytest.raises(openai.BadRequestError) as info:
         client.responses.create(model=MODEL, input=items[:1] + items[2:], max_output_tokens=4)
     assert info.value.body["param"] == "input.1.call_id"
+
+
+@pytest.mark.parametrize("stream", BOTH)
+def test_a_namespace_offers_its_functions_and_their_calls_name_it(client, stream):
+    """Codex CLI groups tools so ({"type": "namespace", ...}); a call comes back with its namespace,
+    and goes back as input (Codex's stateless loop) with it."""
+    tools = [{"type": "namespace", "name": "forecasts", "description": "Weather services", "tools": [WEATHER]},
+             {"type": "web_search"}]
+    reply = ask(client, stream, model=MODEL, input=ASK_WEATHER, tools=tools, tool_choice="required", temperature=0,
+                parallel_tool_calls=False, max_output_tokens=60, store=False)
+    (call,) = calls_of(reply)
+    assert (call["name"], call["namespace"]) == ("get_weather", "forecasts")
+    _validate_weather(call["arguments"])
+    assert [t["type"] for t in reply["tools"]] == ["namespace"]  # web_search is OpenAI's
+    assert reply["tools"][0]["tools"][0]["name"] == "get_weather"
+    replayed = {k: call[k] for k in ("type", "status", "id", "name", "namespace", "arguments", "call_id")}  # as Codex
+    items = [{"role": "user", "content": ASK_WEATHER}, replayed,
+             {"type": "function_call_output", "call_id": call["call_id"], "output": "sunny"}]
+    after = ask(client, stream, model=MODEL, input=items, tools=tools, temperature=0, max_output_tokens=8, store=False)
+    assert after["status"] in ("completed", "incomplete")
+    assert after["usage"]["input_tokens"] > reply["usage"]["input_tokens"]
+
+
+def test_a_codex_request_as_sent_is_answered(server):
+    """Codex CLI 0.171's fields (max_output_tokens added, to keep it short): a 200 stream, not a 400."""
+    body = {"model": MODEL, "stream": True, "tool_choice": "auto", "parallel_tool_calls": True,
+            "reasoning": {"summary": "auto"}, "store": False, "include": ["reasoning.encrypted_content"],
+            "prompt_cache_key": "0199a213-81c0-7800-8aa1-bbab2a035a53", "max_output_tokens": 8,
+            "client_metadata": {"x-codex-installation-id": "5c2f", "session_id": "0199a213"},
+            "input": [{"type": "message", "id": "msg_1", "role": "developer",
+                       "content": [{"type": "input_text", "text": "You are a coding agent running in the Codex CLI."}]},
+                      {"type": "message", "id": "msg_2", "role": "user",
+                       "content": [{"type": "input_text", "text": "Say hello"}]}],
+            "tools": [dict(WEATHER, strict=False),
+                      {"type": "namespace", "name": "multi_agent_v1", "description": "Sub-agents", "tools": [
+                          {"type": "function", "name": "close_agent", "description": "Close an agent.", "strict": False,
+                           "parameters": {"type": "object", "properties": {"target": {"type": "string"}},
+                                          "required": ["target"], "additionalProperties": False}}]},
+                      {"type": "web_search", "external_web_access": False}]}
+    with requests.post(server.base_url + "/v1/responses", json=body, stream=True, timeout=120,
+                       headers={"Authorization": "Bearer key-a", "Accept": "text/event-stream"}) as http:
+        assert http.status_code == 200, http.text
+        text = http.text
+    last = json.loads(text.rstrip().rsplit("\ndata: ", 1)[1])
+    assert last["type"] in ("response.completed", "response.incomplete")
+    assert last["response"]["store"] is False
+    assert [t["type"] for t in last["response"]["tools"]] == ["function", "namespace"]
 
 
 def test_a_response_replayed_as_input_continues_statelessly(client):

@@ -8,8 +8,9 @@ from types import SimpleNamespace
 import pytest
 from pydantic import ValidationError
 
+from app.api.messages.conversation import without_billing_header
 from app.api.messages.protocol import CountTokensRequest, MessagesRequest
-from app.api.messages.serving import ContentBlocks, matched_stop, stop_reason, usage
+from app.api.messages.serving import ContentBlocks, MessagesServing, matched_stop, stop_reason, usage
 from app.errors import APIError, anthropic_body, from_validation
 from app.generation.events import ChoiceDone, FinishReason, TextDelta, ToolCallEvent
 from app.text.tool_parsers import ToolCallDelta
@@ -23,13 +24,54 @@ def parse(**changes) -> MessagesRequest:
     return MessagesRequest.model_validate_json(json.dumps({**BASE, **changes}))
 
 
+def billing(nonce: str) -> str:
+    return f"x-anthropic-billing-header: cc_version=2.1.332.1c9; cc_entrypoint=cli; cch={nonce};"
+
+
+EPHEMERAL = {"type": "ephemeral"}
+# What Claude Code 2.1.332 (`claude -p`, its default model) posts to /v1/messages?beta=true, texts
+# cut short: each field and block shape as captured, with 2 of its 12 tools.
+CLAUDE_CODE = {
+    "model": "claude-opus-5-5",
+    "messages": [
+        {"role": "user", "content": [
+            {"type": "text", "text": "<system-reminder>\nAttribution for git commits ...\n</system-reminder>\n"},
+            {"type": "text", "text": "Say hello"}]},
+        {"role": "system", "content": [{"type": "text", "text": "# Environment\n - Platform: linux",
+                                        "cache_control": EPHEMERAL}]}],
+    "system": [
+        {"type": "text", "text": billing("8f3a1")},
+        {"type": "text", "text": "You are a Claude agent, built on Anthropic's Claude Agent SDK.",
+         "cache_control": EPHEMERAL},
+        {"type": "text", "text": "\nYou are an agent working with the user toward their goals.",
+         "cache_control": EPHEMERAL}],
+    "tools": [
+        {"name": "Bash", "description": "Executes a given bash command", "input_schema": {
+            "$schema": "https://json-schema.org/draft/2020-12/schema", "type": "object",
+            "properties": {"command": {"type": "string"}, "timeout": {"type": "number"}},
+            "required": ["command"], "additionalProperties": False}},
+        {"name": "DeferredToolPlaceholder", "description": "Reserved placeholder; never call this tool.",
+         "input_schema": {"type": "object", "properties": {}}, "defer_loading": True}],
+    "metadata": {"user_id": json.dumps({"device_id": "e3" * 32, "account_uuid": "",
+                                        "session_id": "dc3cf367-c062-4fc8-b49c-1ee459a3c4bf"})},
+    "max_tokens": 128000,
+    "thinking": {"type": "adaptive", "display": "omitted"},
+    "context_management": {"edits": [{"type": "clear_thinking_20251015", "keep": "all"}]},
+    "output_config": {"effort": "medium"},
+    "stream": True,
+}
+
+
 # -- validation -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("changes, param", [
     ({"max_tokens": None}, "max_tokens"),
     ({"max_tokens": 0}, "max_tokens"),
     ({"temperature": 1.5}, "temperature"),
     ({"messages": []}, "messages"),
-    ({"messages": [{"role": "system", "content": "x"}]}, "messages.0.role"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, "messages.0.role"),
+    ({"messages": [{"role": "user", "content": "x", "clear_at": "next_user_message"}]}, "messages.0"),
+    ({"output_config": {"effort": "high", "verbosity": "low"}}, "output_config.verbosity"),
+    ({"output_config": {"format": {"type": "json_object"}}}, "output_config.format.type"),
     ({"messages": [{"role": "user", "content": [{"type": "video"}]}]}, "messages.0.content"),
     ({"tool_choice": {"type": "any"}}, ""),
     ({"tools": [TOOL], "tool_choice": {"type": "tool"}}, "tool_choice"),
@@ -64,7 +106,98 @@ def test_documented_extras_are_accepted_and_ignored():
     assert CountTokensRequest.model_validate_json(json.dumps({"model": "m", "messages": BASE["messages"]}))
 
 
+def test_claude_codes_request_is_accepted_as_sent():
+    older = dict(CLAUDE_CODE, model="claude-sonnet-4-5", max_tokens=32000, output_config=None,
+                 thinking={"budget_tokens": 31999, "type": "enabled", "display": "omitted"})
+    for body in (CLAUDE_CODE, older):
+        request = MessagesRequest.model_validate_json(json.dumps(body))
+        assert request.chat_messages() == [
+            {"role": "system", "content": "You are a Claude agent, built on Anthropic's Claude Agent SDK.\n\n"
+                                          "\nYou are an agent working with the user toward their goals."},
+            {"role": "user", "content": "<system-reminder>\nAttribution for git commits ...\n</system-reminder>\n"
+                                        "\n\nSay hello"},
+            {"role": "system", "content": "# Environment\n - Platform: linux"}]
+        # The deferred placeholder stays out of the tools section, but may still be called.
+        assert [t["function"]["name"] for t in request.tool_definitions()] == ["Bash"]
+        assert [t["name"] for t in request.output_spec().tools] == ["Bash", "DeferredToolPlaceholder"]
+        assert request.output_spec().json_mode is None
+
+
 # -- translation ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("system, expected", [
+    ([{"type": "text", "text": billing("a1")}, {"type": "text", "text": "Be brief."}], "Be brief."),
+    ([{"type": "text", "text": billing("a1") + "\nBe brief."}, {"type": "text", "text": "Really."}],
+     "Be brief.\n\nReally."),
+    (billing("a1") + "\nBe brief.", "Be brief."),
+    (billing("a1"), ""),
+    ([{"type": "text", "text": "Be brief. " + billing("a1")}], "Be brief. " + billing("a1")),  # not a header there
+    ([{"type": "text", "text": "A"}, {"type": "text", "text": ""}], "A\n\n"),  # other blocks as they came
+])
+def test_claude_codes_billing_header_is_left_out_of_the_system_prompt(system, expected):
+    first = parse(system=system).chat_messages()[0]
+    assert (first["content"] if first["role"] == "system" else "") == expected
+    assert without_billing_header("x-anthropic-billing-header: x;\nrest\nmore") == "rest\nmore"
+
+
+def test_a_new_billing_nonce_renders_the_same_messages():
+    """The header's nonce changes every request: with it gone, the prompt's prefix repeats."""
+    def rendered(nonce):
+        body = dict(CLAUDE_CODE, system=[{"type": "text", "text": billing(nonce)}, *CLAUDE_CODE["system"][1:]])
+        return CountTokensRequest.model_validate_json(json.dumps(
+            {k: v for k, v in body.items() if k not in ("max_tokens", "stream", "metadata")})).chat_messages()
+
+    assert rendered("00001") == rendered("ffff9")
+    assert "billing" not in json.dumps(rendered("00001"))
+
+
+def test_system_messages_render_in_place_until_cleared():
+    body = parse(system="S", messages=[
+        {"role": "user", "content": "one"},
+        {"role": "system", "content": "reminder", "clear_at": "next_user_message"},
+        {"role": "system", "content": [], "output_config": {"effort": "low"}},  # an effort statement
+        {"role": "assistant", "content": "ok"},
+        {"role": "user", "content": "two"},
+        {"role": "system", "content": [{"type": "text", "text": "fresh"}], "clear_at": "next_user_message"},
+        {"role": "system", "content": "kept"}])
+    assert body.chat_messages() == [
+        {"role": "system", "content": "S"}, {"role": "user", "content": "one"},
+        {"role": "assistant", "content": "ok"}, {"role": "user", "content": "two"},
+        {"role": "system", "content": "fresh"}, {"role": "system", "content": "kept"}]
+
+
+def test_a_tool_reference_result_lists_the_deferred_tool():
+    web = {"name": "WebFetch", "description": "Fetch a URL", "input_schema": {"type": "object"}, "defer_loading": True}
+    search = {"name": "ToolSearch", "input_schema": {"type": "object"}}
+    body = parse(tools=[search, web], messages=[
+        {"role": "user", "content": "fetch it"},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_s", "name": "ToolSearch",
+                                           "input": {"query": "select:WebFetch"}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_s", "content": [
+            {"type": "tool_reference", "tool_name": "WebFetch"}]}]}])
+    assert [t["function"]["name"] for t in body.tool_definitions()] == ["ToolSearch"]
+    assert json.loads(body.chat_messages()[-1]["content"]) == {"type": "function", "function": {
+        "name": "WebFetch", "parameters": {"type": "object"}, "description": "Fetch a URL"}}
+
+
+def test_output_config_format_constrains_the_answer_to_its_schema():
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    spec = parse(output_config={"effort": "low", "format": {"type": "json_schema", "schema": schema}}).output_spec()
+    assert (spec.json_mode, spec.schema, spec.strict) == ("schema", schema, True)
+    assert spec.schema_param == "output_config.format.schema"
+
+
+@pytest.mark.parametrize("asked, prompt_len, expected", [
+    (32000, 100, 64),  # MAX_TOKENS_LIMIT
+    (32000, 1000, 24),  # what the context leaves
+    (10, 100, 10),
+    (32000, 1024, 1),  # no room: Admission answers the context-length 400
+])
+def test_max_tokens_is_a_cap(asked, prompt_len, expected):
+    serving = SimpleNamespace(ctx=SimpleNamespace(engine=SimpleNamespace(model=SimpleNamespace(context_length=1024))),
+                              settings=SimpleNamespace(max_tokens_limit=64))
+    assert MessagesServing._cap(serving, asked, prompt_len) == expected
+
+
 def test_a_tool_conversation_becomes_chat_messages_in_template_order():
     body = parse(system=[{"type": "text", "text": "A"}, {"type": "text", "text": "B"}], messages=[
         {"role": "user", "content": [{"type": "text", "text": "Weather?"}]},

@@ -130,6 +130,99 @@ def test_sampling_defaults_and_values():
     assert (params.temperature, params.top_p) == (0.2, 0.5)
 
 
+# What Codex CLI 0.171 (`codex exec`) posts, trimmed (its descriptions, instructions and ids shortened).
+CODEX_EXEC = {"type": "function", "name": "exec_command", "description": "Runs a command in a PTY.", "strict": False,
+              "parameters": {"type": "object", "properties": {
+                  "cmd": {"type": "string", "description": "Shell command to execute."},
+                  "max_output_tokens": {"type": "number"},
+                  "prefix_rule": {"type": "array", "items": {"type": "string"}}},
+                  "required": ["cmd"], "additionalProperties": False}}
+CODEX_CLOSE = {"type": "function", "name": "close_agent", "description": "Close an agent.", "strict": False,
+               "parameters": {"type": "object", "properties": {"target": {"type": "string"}}, "required": ["target"],
+                              "additionalProperties": False}}
+CODEX_WAIT = {"type": "function", "name": "wait_agent", "description": "Wait for agents.", "strict": False,
+              "parameters": {"type": "object", "properties": {"targets": {"type": "array", "items": {"type": "string"}},
+                                                              "timeout_ms": {"type": "number"}},
+                             "required": ["targets"], "additionalProperties": False}}
+CODEX_BODY = {
+    "model": "tiny-32k", "stream": True, "tool_choice": "auto", "parallel_tool_calls": True,
+    "reasoning": {"summary": "auto"}, "store": False, "include": ["reasoning.encrypted_content"],
+    "prompt_cache_key": "01a21a86-e682-7b21-860e-afd8343b0c76",
+    "client_metadata": {"x-codex-installation-id": "bb619993", "session_id": "01a21a86", "turn_id": "01a21a86",
+                        "x-codex-turn-metadata": "{\"sandbox\":\"seccomp\",\"model\":\"tiny-32k\"}"},
+    "input": [
+        {"type": "message", "id": "msg_ab30", "role": "developer",
+         "content": [{"type": "input_text", "text": "You are a coding agent running in the Codex CLI."}]},
+        {"type": "message", "id": "msg_01a2", "role": "developer",
+         "content": [{"type": "input_text", "text": "<skills_instructions>...</skills_instructions>"},
+                     {"type": "input_text", "text": "<permissions instructions>...</permissions instructions>"}]},
+        {"type": "message", "id": "msg_01a3", "role": "user",
+         "content": [{"type": "input_text", "text": "<environment_context>...</environment_context>"}]},
+        {"type": "message", "id": "msg_01a4", "role": "user",
+         "content": [{"type": "input_text", "text": "Say hello"}]}],
+    "tools": [CODEX_EXEC,
+              {"type": "namespace", "name": "multi_agent_v1",
+               "description": "Tools for spawning and managing sub-agents.", "tools": [CODEX_CLOSE, CODEX_WAIT]},
+              {"type": "web_search", "external_web_access": False}],
+}
+# With `codex exec --output-schema FILE`:
+CODEX_FORMAT = {"format": {"type": "json_schema", "strict": True, "name": "codex_output_schema", "schema": {
+    "type": "object", "properties": {"greeting": {"type": "string"}}, "required": ["greeting"],
+    "additionalProperties": False}}}
+
+
+def test_codex_requests_are_accepted_and_their_namespace_functions_offered():
+    for body in (CODEX_BODY, dict(CODEX_BODY, text=CODEX_FORMAT)):
+        parse(json.dumps(body).encode())
+    body = parse(json.dumps(CODEX_BODY).encode())
+    assert [o.name for o in body.offered()] == ["exec_command", "multi_agent_v1.close_agent",
+                                                "multi_agent_v1.wait_agent"]
+    assert [t["function"]["name"] for t in tool_definitions(body)] == [o.name for o in body.offered()]
+    assert tool_definitions(body)[1]["function"] == {"name": "multi_agent_v1.close_agent",
+                                                     "description": "Close an agent.",
+                                                     "parameters": CODEX_CLOSE["parameters"]}
+    spec = body.output_spec()
+    assert [t["name"] for t in spec.tools] == [o.name for o in body.offered()] and spec.tool_choice == "auto"
+    assert spec.tool_params == ("tools.0.parameters", "tools.1.tools.0.parameters", "tools.1.tools.1.parameters")
+    assert body.namespaced() == {"multi_agent_v1.close_agent": ("multi_agent_v1", "close_agent"),
+                                 "multi_agent_v1.wait_agent": ("multi_agent_v1", "wait_agent")}
+    assert [t["type"] for t in body.echoed_tools()] == ["function", "namespace"]  # web_search is OpenAI's
+    assert body.echoed_tools()[1]["tools"][0]["name"] == "close_agent"
+    assert input_messages(body, [])[1] == {"role": "developer", "content": "<skills_instructions>...</skills_"
+                                           "instructions><permissions instructions>...</permissions instructions>"}
+
+
+def test_a_namespace_call_replayed_as_input_keeps_the_name_the_model_saw():
+    items = [{"role": "user", "content": "Close agent 7."},
+             {"type": "function_call", "status": "completed", "id": "fc_1", "name": "close_agent",
+              "namespace": "multi_agent_v1", "arguments": "{\"target\": \"7\"}", "call_id": "call_1"},
+             {"type": "function_call_output", "id": "fco_1", "call_id": "call_1", "output": "closed"}]
+    out = messages(items)
+    assert out[1]["tool_calls"][0]["function"]["name"] == "multi_agent_v1.close_agent"
+    output = [{"type": "function_call", "id": "fc_1", "call_id": "call_1", "name": "close_agent",
+               "namespace": "multi_agent_v1", "arguments": "{}", "status": "completed"}]
+    assert output_messages(output)[0]["tool_calls"][0]["function"]["name"] == "multi_agent_v1.close_agent"
+
+
+def test_a_namespaces_other_tools_are_dropped_and_its_functions_satisfy_tool_choice():
+    body = request(tools=[{"type": "namespace", "name": "crm", "description": "CRM",
+                           "tools": [{"type": "custom", "name": "raw"}, WEATHER]}], tool_choice="required")
+    assert [o.name for o in body.offered()] == ["crm.get_weather"] and body.output_spec().tool_choice == "required"
+    assert body.echoed_tools()[0]["tools"] == [{"type": "function", "name": "get_weather",
+                                                "description": "Weather in a city",
+                                                "parameters": WEATHER["parameters"], "strict": True}]
+    assert body.output_spec().tool_params == ("tools.0.tools.1.parameters",)
+
+
+def test_media_in_a_function_call_output_becomes_a_line_that_says_so():
+    """Codex's view_image answers with an input_image: a 400 there would end the session for good."""
+    items = [{"type": "function_call", "call_id": "c", "name": "view_image", "arguments": "{}"},
+             {"type": "function_call_output", "call_id": "c", "output": [
+                 {"type": "input_text", "text": "Here it is: "},
+                 {"type": "input_image", "image_url": "data:image/png;base64,AAAA", "detail": "high"}]}]
+    assert messages(items)[1]["content"] == "Here it is: [input_image omitted: this model reads text only]"
+
+
 def test_ignored_fields_are_accepted():
     request(reasoning={"effort": "low"}, include=["message.output_text.logprobs"], service_tier="auto", user="u",
             truncation="disabled", metadata={"k": "v"}, store=False, text={"format": {"type": "text"},
@@ -155,6 +248,13 @@ def test_ignored_fields_are_accepted():
     ({"text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format"),
     ({"truncation": "auto"}, "truncation"),
     ({"max_output_tokens": 0}, "max_output_tokens"),
+    ({"tools": [{"type": "namespace", "name": "ns", "tools": [dict(WEATHER, color="red")]}]}, "tools.0.tools.0.color"),
+    ({"tools": [{"type": "namespace", "name": "ns", "tools": []}]}, "tools.0.tools"),
+    ({"tools": [{"type": "namespace", "name": "a.b", "tools": [WEATHER]}]}, "tools.0.name"),
+    ({"tools": [{"type": "namespace", "name": "ns", "tools": [WEATHER], "extra": 1}]}, "tools.0.extra"),
+    ({"tools": [{"type": "namespace", "name": "ns", "tools": [{"type": "custom", "name": "raw"}]}],
+      "tool_choice": "required"}, "tool_choice"),
+    ({"client_metadata": []}, "client_metadata"),
     ({"temperature": "warm"}, "temperature"),
 ])
 def test_invalid_requests_name_the_parameter(fields, param):
@@ -200,12 +300,14 @@ def serve(monkeypatch, events, stream: bool, **fields):
 
     generation = ScriptedGeneration(events)
     monkeypatch.setattr(module, "Generation", lambda ctx, request, environ: generation)
-    serving = module.ResponsesServing(None, SimpleNamespace(keys=lambda: ()), None, None)
+    settings = SimpleNamespace(keys=lambda: (), responses_store_count=100, responses_store_bytes=1 << 20,
+                               responses_store_ttl=60)
+    serving = module.ResponsesServing(None, settings, None, None)
     body = request(input="Weather?", **fields)
     gen_request = GenerationRequest("resp_test", [1, 2, 3, 4], 10, SamplingParams())
     store = body.store is not False
     prepared = module.Prepared(gen_request, module._head("resp_test", "m", body, store),
-                               [{"role": "user", "content": "Weather?"}], "client-a", store)
+                               [{"role": "user", "content": "Weather?"}], "client-a", store, body.namespaced())
     if not stream:
         return serving.complete(prepared, {}), serving
     out = "".join(serving.stream(prepared, {}))
@@ -290,3 +392,34 @@ def test_store_false_keeps_nothing(monkeypatch):
     plain, serving = serve(monkeypatch, [TextDelta(0, "Hi"), ChoiceDone(0, FinishReason.STOP, 1)], stream=False,
                            store=False)
     assert plain["store"] is False and len(serving.store) == 0
+
+
+def test_a_call_of_a_namespace_function_goes_out_with_its_namespace(monkeypatch):
+    """Codex routes a call by (namespace, name): "multi_agent_v1.close_agent" alone is an "unsupported call"."""
+    events = [ToolCallEvent(0, ToolCallDelta(0, "call_1", "multi_agent_v1.close_agent", "{\"target\": \"7\"}")),
+              ChoiceDone(0, FinishReason.TOOL_CALLS, 9)]
+    body = {k: v for k, v in CODEX_BODY.items() if k not in ("input", "stream", "model", "store")}
+    text, _ = serve(monkeypatch, events, stream=True, **body)
+    plain, serving = serve(monkeypatch, events, stream=False, **body)
+    added = next(e for e in sse_events(text) if e["type"] == "response.output_item.added")["item"]
+    for item in (added, sse_events(text)[-1]["response"]["output"][0], plain["output"][0]):
+        assert (item["type"], item["name"], item["namespace"]) == ("function_call", "close_agent", "multi_agent_v1")
+    assert serving.store.get("client-a", "resp_test").conversation[-1]["tool_calls"][0]["function"]["name"] == \
+        "multi_agent_v1.close_agent"  # the next turn shows the model the name it wrote
+    assert "namespace" not in serve(monkeypatch, CALL_EVENTS, stream=False, tools=[WEATHER])[0]["output"][1]
+
+
+@pytest.mark.parametrize("asked, prompt_len, expected", [
+    (None, 100, None),  # Admission's default applies
+    (10, 100, 10),
+    (10**6, 100, 64),  # MAX_TOKENS_LIMIT leaves less
+    (10**6, 1000, 24),  # the context leaves less
+    (50, 1000, 24),
+    (10**6, 1023, 1),
+    (10**6, 1024, 1),  # the prompt fills the context: Admission's 400 follows
+    (10**6, 5000, 1),
+])
+def test_max_output_tokens_is_a_cap(asked, prompt_len, expected):
+    from app.api.responses.serving import output_cap
+
+    assert output_cap(asked, prompt_len, context=1024, limit=64) == expected

@@ -1,27 +1,37 @@
 """Request models of Anthropic's Messages API, validated strictly, and their translation into the
-neutral terms the generation core takes: OpenAI-shaped chat messages (what render_prompt reads),
-an OutputSpec (what Constraints plans from) and SamplingParams.
+neutral terms the generation core takes: OpenAI-shaped chat messages (conversation.py, what
+render_prompt reads), an OutputSpec (what Constraints plans from) and SamplingParams.
 
-Fields Anthropic documents that mean nothing here are accepted and ignored: `thinking` (this
-model does not think aloud), `service_tier`, `metadata`, and `cache_control` on blocks and tools
-(Orchard's prefix cache needs no breakpoints).
+Unknown fields are 400s. Every field Claude Code (2.1.x) sends is accepted; the ones that mean
+something are honoured: `system` messages inside `messages` and their `clear_at`, tools'
+`defer_loading` with `tool_reference` results (conversation.py), `output_config.format` (a JSON
+schema the answer must match), and `max_tokens` as a cap (serving.py). Accepted and ignored:
+- `thinking` (any shape: enabled/disabled/adaptive, budget_tokens, display): this model does not
+  think aloud;
+- `output_config.effort`, top-level and per message: one model, one way of answering;
+- `context_management` (e.g. clear_thinking, clear_tool_uses edits): there is no thinking to
+  clear, and the whole conversation sent is the context;
+- `metadata` (Claude Code's user_id is a JSON string of device and session ids), `service_tier`;
+- `cache_control` on the request, blocks and tools: Orchard's prefix cache needs no breakpoints;
+- tools' `strict` (forced calls always match their schema; free ones are parsed as written),
+  `eager_input_streaming` (arguments always stream) and `input_examples`;
+- the `anthropic-beta` and `anthropic-version` headers and the `?beta=true` query (route.py).
 """
 from __future__ import annotations
 
-import json
 from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from app.errors import bad_request
+from app.api.messages import conversation
 from app.generation.constraints import OutputSpec
 from engine.sampling import SamplingParams
 
 MAX_TOOLS = 128
 MAX_STOP_SEQUENCES = 16  # each is searched for after every token; Anthropic names no limit
 TOOL_NAME = r"^[a-zA-Z0-9_-]{1,128}$"
-BLOCK_SEPARATOR = "\n\n"  # between text blocks of one turn: clients split paragraphs into blocks
 Hint = Optional[dict[str, Any]]  # cache_control: accepted, ignored
+Effort = Optional[Annotated[str, Field(max_length=32)]]  # low ... max, xhigh: accepted, ignored
 
 
 class _Strict(BaseModel):
@@ -42,10 +52,6 @@ class OtherBlock(BaseModel):
     model_config = ConfigDict(extra="allow")
     type: Literal["image", "document", "thinking", "redacted_thinking"]
 
-    @property
-    def media(self) -> bool:
-        return self.type in ("image", "document")
-
 
 class ToolUseBlock(_Strict):
     type: Literal["tool_use"]
@@ -55,10 +61,19 @@ class ToolUseBlock(_Strict):
     cache_control: Hint = None
 
 
+class ToolReferenceBlock(_Strict):
+    """ToolSearch's answer in a tool result: the named (deferred) tool is now loaded."""
+
+    type: Literal["tool_reference"]
+    tool_name: Annotated[str, Field(pattern=TOOL_NAME)]
+    cache_control: Hint = None
+
+
 class ToolResultBlock(_Strict):
     type: Literal["tool_result"]
     tool_use_id: Annotated[str, Field(min_length=1, max_length=256)]
-    content: Union[str, list[Annotated[Union[TextBlock, OtherBlock], Field(discriminator="type")]], None] = None
+    content: Union[str, list[Annotated[Union[TextBlock, OtherBlock, ToolReferenceBlock],
+                                       Field(discriminator="type")]], None] = None
     is_error: Optional[bool] = None
     cache_control: Hint = None
 
@@ -67,9 +82,21 @@ Block = Annotated[Union[TextBlock, OtherBlock, ToolUseBlock, ToolResultBlock],
                   Field(discriminator="type")]
 
 
+class TurnConfig(_Strict):
+    effort: Effort = None
+
+
 class Message(_Strict):
-    role: Literal["user", "assistant"]
+    role: Literal["user", "assistant", "system"]  # system: Claude Code's per-turn-control beta
     content: Union[str, list[Block]]
+    clear_at: Optional[Literal["next_user_message"]] = None  # system messages only
+    output_config: Optional[TurnConfig] = None
+
+    @model_validator(mode="after")
+    def _clear_at_on_system(self):
+        if self.clear_at and self.role != "system":
+            raise ValueError("clear_at is only permitted on system messages")
+        return self
 
     def blocks(self) -> list:
         return [TextBlock(type="text", text=self.content)] if isinstance(self.content, str) else self.content
@@ -81,6 +108,15 @@ class Tool(_Strict):
     input_schema: dict[str, Any]
     type: Optional[Literal["custom"]] = None
     cache_control: Hint = None
+    defer_loading: Optional[bool] = None  # listed only once a tool_reference loads it
+    strict: Optional[bool] = None
+    eager_input_streaming: Optional[bool] = None
+    input_examples: Optional[list[dict[str, Any]]] = None
+
+    def definition(self) -> dict:
+        """The tool in the chat templates' shape."""
+        return {"type": "function", "function": {"name": self.name, "parameters": self.input_schema,
+                                                 **({"description": self.description} if self.description else {})}}
 
     @model_validator(mode="before")
     @classmethod
@@ -108,6 +144,16 @@ class Metadata(_Strict):
     user_id: Optional[Annotated[str, Field(max_length=256)]] = None
 
 
+class OutputFormat(_Strict):
+    type: Literal["json_schema"]
+    json_schema: dict[str, Any] = Field(alias="schema")
+
+
+class OutputConfig(_Strict):
+    effort: Effort = None
+    format: Optional[OutputFormat] = None  # structured outputs: the answer matches this schema
+
+
 class CountTokensRequest(_Strict):
     """The conversation part of a request: all count_tokens takes, and what renders the prompt."""
 
@@ -118,6 +164,8 @@ class CountTokensRequest(_Strict):
     tool_choice: Optional[ToolChoice] = None
     thinking: Optional[dict[str, Any]] = None
     cache_control: Hint = None  # automatic prompt caching: the prefix cache always runs
+    output_config: Optional[OutputConfig] = None
+    context_management: Optional[dict[str, Any]] = None
 
     @model_validator(mode="after")
     def _choice_needs_tools(self):
@@ -127,35 +175,27 @@ class CountTokensRequest(_Strict):
 
     def chat_messages(self) -> list[dict]:
         """The conversation as OpenAI-shaped chat messages (app/text/chat_prompt.py's input)."""
-        out = [{"role": "system", "content": _joined(self.system)}] if self.system else []
-        called: set[str] = set()  # tool_use ids of the assistant turn right before
-        for i, message in enumerate(self.messages):
-            blocks = message.blocks()
-            _refuse_media(blocks, i)
-            if message.role == "assistant":
-                out.append(_assistant(blocks, i))
-                called = {c["id"] for c in out[-1].get("tool_calls", [])}
-            else:
-                out.extend(_user(blocks, i, called))
-                called = set()
-        return out
+        tools = {t.name: t.definition() for t in self.tools or []}
+        return conversation.chat_messages(self.system, self.messages, tools)
 
     def tool_definitions(self) -> Optional[list[dict]]:
-        """Tools in the chat templates' shape; none rendered with tool_choice none."""
-        if not self.tools or (self.tool_choice and self.tool_choice.type == "none"):
+        """The tools section: none with tool_choice none; deferred tools only where referenced."""
+        if self.tool_choice and self.tool_choice.type == "none":
             return None
-        return [{"type": "function", "function": {"name": t.name, "parameters": t.input_schema,
-                                                  **({"description": t.description} if t.description else {})}}
-                for t in self.tools]
+        return [t.definition() for t in self.tools or [] if not t.defer_loading] or None
 
     def output_spec(self) -> OutputSpec:
         choice = self.tool_choice
         kind = choice.type if choice else "auto"
+        fmt = self.output_config.format if self.output_config else None
         return OutputSpec(tools=[{"name": t.name, "parameters": t.input_schema} for t in self.tools or []],
                           tool_choice={"any": "required", "tool": "named"}.get(kind, kind),
                           tool_name=choice.name if choice else None,
                           parallel=not (choice and choice.disable_parallel_tool_use),
-                          tool_params=tuple(f"tools.{i}.input_schema" for i in range(len(self.tools or []))))
+                          tool_params=tuple(f"tools.{i}.input_schema" for i in range(len(self.tools or []))),
+                          json_mode="schema" if fmt else None, schema=fmt.json_schema if fmt else None,
+                          strict=True, format_param="output_config.format",
+                          schema_param="output_config.format.schema")
 
 
 class MessagesRequest(CountTokensRequest):
@@ -172,63 +212,3 @@ class MessagesRequest(CountTokensRequest):
     def sampling_params(self) -> SamplingParams:
         return SamplingParams(temperature=1.0 if self.temperature is None else self.temperature,
                               top_p=1.0 if self.top_p is None else self.top_p, top_k=self.top_k or 0)
-
-
-def _joined(content: Union[str, list[TextBlock]]) -> str:
-    return content if isinstance(content, str) else BLOCK_SEPARATOR.join(b.text for b in content)
-
-
-def _refuse_media(blocks: list, i: int) -> None:
-    for j, block in enumerate(blocks):
-        inner = block.content if isinstance(block, ToolResultBlock) and isinstance(block.content, list) else []
-        for part in [block, *inner]:
-            if isinstance(part, OtherBlock) and part.media:
-                raise bad_request(f"messages[{i}].content[{j}] has an '{part.type}' block, but this model reads "
-                                  f"text only", param=f"messages.{i}.content.{j}", code="unsupported_content")
-
-
-def _misplaced(i: int, j: int, kind: str, role: str) -> Exception:
-    return bad_request(f"messages[{i}].content[{j}]: a {kind} block belongs in {role} message",
-                       param=f"messages.{i}.content.{j}")
-
-
-def _assistant(blocks: list, i: int) -> dict:
-    texts, calls = [], []
-    for j, block in enumerate(blocks):
-        if isinstance(block, TextBlock):
-            texts.append(block.text)
-        elif isinstance(block, ToolUseBlock):
-            calls.append({"id": block.id, "type": "function", "function": {
-                "name": block.name, "arguments": json.dumps(block.input, ensure_ascii=False)}})
-        elif isinstance(block, ToolResultBlock):
-            raise _misplaced(i, j, "tool_result", "a user")
-    out: dict = {"role": "assistant", "content": BLOCK_SEPARATOR.join(texts)}
-    if calls:
-        out["tool_calls"] = calls
-    return out
-
-
-def _user(blocks: list, i: int, called: set[str]) -> list[dict]:
-    """Tool results become `tool` messages right after the assistant turn that called them (chat
-    templates expect that order); the turn's text follows as a user message."""
-    results, texts = [], []
-    for j, block in enumerate(blocks):
-        if isinstance(block, ToolResultBlock):
-            if block.tool_use_id not in called:
-                raise bad_request(f"messages[{i}].content[{j}] answers tool_use id {block.tool_use_id!r}, which "
-                                  f"the assistant message right before did not call",
-                                  param=f"messages.{i}.content.{j}.tool_use_id")
-            results.append({"role": "tool", "tool_call_id": block.tool_use_id, "content": _result_text(block)})
-        elif isinstance(block, TextBlock):
-            texts.append(block.text)
-        elif isinstance(block, ToolUseBlock):
-            raise _misplaced(i, j, "tool_use", "an assistant")
-    if texts or not results:
-        results.append({"role": "user", "content": BLOCK_SEPARATOR.join(texts)})
-    return results
-
-
-def _result_text(block: ToolResultBlock) -> str:
-    text = _joined(block.content) if block.content is not None else ""
-    # Chat messages have no error flag: the model learns of a failed tool from the text.
-    return f"Error: {text}" if block.is_error else text

@@ -2,18 +2,34 @@
 messages and OutputSpec every API edge shares.
 
 Honoured: model, input (a string, or message / function_call / function_call_output items),
-instructions, function tools, tool_choice, parallel_tool_calls, text.format (text, json_object,
-json_schema), max_output_tokens, temperature, top_p, stream, store, previous_response_id, metadata.
+instructions, function tools, namespace tools, tool_choice, parallel_tool_calls, text.format
+(text, json_object, json_schema), max_output_tokens, temperature, top_p, stream, store,
+previous_response_id, metadata.
 
-Accepted and ignored (they mean nothing on a local server): reasoning, include, service_tier,
-user, prompt_cache_key, safety_identifier, stream_options, text.verbosity, truncation
-("disabled" only: nothing is ever truncated). Tools whose type is not "function" (web_search,
+A namespace tool ({"type": "namespace", "name", "description", "tools": [function tools]}: how
+Codex CLI sends its sub-agent tools) offers its functions to the model as "<namespace>.<name>"
+(function names have no dots, so these never clash with them); a call of one comes back as a
+function_call item with that `namespace` and the plain `name`, which is how clients route it
+(Codex answers "unsupported call" otherwise), and comes back as input in that shape too.
+
+max_output_tokens is a cap: when the context or MAX_TOKENS_LIMIT leaves less, generation stops
+there and the response is incomplete (serving.output_cap).
+
+Accepted and ignored (they mean nothing on a local server): reasoning (Codex: {"summary":
+"auto"}), include (Codex: ["reasoning.encrypted_content"]; no reasoning items are ever made),
+service_tier, user, prompt_cache_key (the prefix cache needs no key), client_metadata (Codex's
+ids), safety_identifier, stream_options, text.verbosity, a namespace's description, a function's
+defer_loading (nothing here loads tools later, so every function is offered), truncation
+("disabled" only: nothing is ever truncated). Tools of any other type (web_search,
 web_search_preview, file_search, computer_use_preview, code_interpreter, image_generation, mcp,
-local_shell, shell, custom, apply_patch, ...) are hosted by OpenAI: they are dropped, never
-rendered, never echoed. Input images, files and audio are 400s: the model reads text only.
+local_shell, shell, custom, apply_patch, tool_search, ...) are hosted by OpenAI: they are
+dropped, never rendered, never echoed. Input images, files and audio in messages are 400s: the
+model reads text only; in a function_call_output (Codex's view_image) they become a line that
+says so, since a 400 there would end the agent's session for good.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
@@ -104,11 +120,14 @@ class FunctionCallItem(_Strict):
     call_id: CallId
     name: Annotated[str, Field(min_length=1, max_length=64)]
     arguments: str
+    namespace: Optional[Annotated[str, Field(min_length=1, max_length=64)]] = None  # a namespace tool's call
     id: Optional[str] = None
     status: Optional[Literal["in_progress", "completed", "incomplete"]] = None
 
 
-CallOutput = _string_or(str, Annotated[list[InputText], Field(min_length=1)], "a list of input_text parts")
+OutputPart = Annotated[Union[Annotated[InputText, Tag("InputText")], Annotated[MediaPart, Tag("Media")]],
+                       Discriminator(_by_type(("input_text",), other="Media"))]
+CallOutput = _string_or(str, Annotated[list[OutputPart], Field(min_length=1)], "a list of content parts")
 
 
 class FunctionCallOutputItem(_Strict):
@@ -119,7 +138,10 @@ class FunctionCallOutputItem(_Strict):
     status: Optional[Literal["in_progress", "completed", "incomplete"]] = None
 
     def text(self) -> str:
-        return self.output if isinstance(self.output, str) else "".join(p.text for p in self.output)
+        if isinstance(self.output, str):
+            return self.output
+        return "".join(f"[{p.type} omitted: this model reads text only]" if isinstance(p, MediaPart) else p.text
+                       for p in self.output)
 
 
 Item = Annotated[Union[Annotated[MessageItem, Tag("Message")], Annotated[FunctionCallItem, Tag("FunctionCall")],
@@ -135,6 +157,7 @@ class FunctionTool(_Strict):
     description: Optional[str] = None
     parameters: Optional[dict[str, Any]] = None
     strict: Optional[bool] = None  # None means True: the Responses API's default, unlike chat's
+    defer_loading: Optional[bool] = None  # ignored: see the module docstring
 
     def echo(self) -> dict:
         return {"type": "function", "name": self.name, "description": self.description,
@@ -144,6 +167,40 @@ class FunctionTool(_Strict):
 class HostedTool(BaseModel):
     model_config = ConfigDict(extra="allow")
     type: str
+
+
+NamespaceMember = Annotated[Union[Annotated[FunctionTool, Tag("Function")], Annotated[HostedTool, Tag("Hosted")]],
+                            Discriminator(_by_type(("function",), other="Hosted"))]
+
+
+class NamespaceTool(_Strict):
+    """A group of tools whose functions are offered under qualified names (see the module
+    docstring); its other tools (OpenAI allows custom ones) are dropped like hosted tools."""
+    type: Literal["namespace"]
+    name: Annotated[str, Field(pattern=FUNCTION_NAME)]
+    description: Optional[str] = None
+    tools: Annotated[list[NamespaceMember], Field(min_length=1, max_length=MAX_TOOLS)]
+
+    def functions(self) -> list[tuple[int, FunctionTool]]:
+        return [(j, t) for j, t in enumerate(self.tools) if isinstance(t, FunctionTool)]
+
+    def echo(self) -> dict:
+        return {"type": "namespace", "name": self.name, "description": self.description,
+                "tools": [t.echo() for _, t in self.functions()]}
+
+
+def qualified(namespace: Optional[str], name: str) -> str:
+    """A function's name as the model sees it."""
+    return f"{namespace}.{name}" if namespace else name
+
+
+@dataclass(frozen=True)
+class Offered:
+    """A function the model is offered: a top-level one or one of a namespace's."""
+    name: str  # as the model sees and calls it
+    tool: FunctionTool
+    namespace: Optional[str]
+    param: str  # where its parameters sit in the request, for 400s
 
 
 class NamedFunction(_Strict):
@@ -182,8 +239,9 @@ class ResponsesRequest(_Strict):
     input: Input
     instructions: Optional[str] = None
     tools: Optional[Annotated[list[Annotated[
-        Union[Annotated[FunctionTool, Tag("Function")], Annotated[HostedTool, Tag("Hosted")]],
-        Discriminator(_by_type(("function",), other="Hosted"))]], Field(max_length=MAX_TOOLS)]] = None
+        Union[Annotated[FunctionTool, Tag("Function")], Annotated[NamespaceTool, Tag("Namespace")],
+              Annotated[HostedTool, Tag("Hosted")]],
+        Discriminator(_by_type(("function", "namespace"), other="Hosted"))]], Field(max_length=MAX_TOOLS)]] = None
     tool_choice: Optional[ToolChoice] = None
     parallel_tool_calls: Optional[bool] = None
     text: Optional[TextConfig] = None
@@ -203,17 +261,34 @@ class ResponsesRequest(_Strict):
     prompt_cache_key: Optional[Annotated[str, Field(max_length=256)]] = None
     safety_identifier: Optional[Annotated[str, Field(max_length=256)]] = None
     stream_options: Optional[dict[str, Any]] = None
+    client_metadata: Optional[dict[str, Any]] = None
 
     @field_validator("tool_choice")
     @classmethod
     def _tool_choice_needs_tools(cls, value, info):
-        tools = [t for t in info.data.get("tools") or [] if isinstance(t, FunctionTool)]
+        tools = [t for t in info.data.get("tools") or []
+                 if isinstance(t, FunctionTool) or isinstance(t, NamespaceTool) and t.functions()]
         if value not in (None, "none", "auto") and not tools:
             raise ValueError("tool_choice 'required' or a named function needs function tools")
         return value
 
-    def function_tools(self) -> list[FunctionTool]:
-        return [t for t in self.tools or [] if isinstance(t, FunctionTool)]
+    def offered(self) -> list[Offered]:
+        """Every function the model is offered, a namespace's included, in request order."""
+        out: list[Offered] = []
+        for i, tool in enumerate(self.tools or []):
+            if isinstance(tool, FunctionTool):
+                out.append(Offered(tool.name, tool, None, f"tools.{i}.parameters"))
+            elif isinstance(tool, NamespaceTool):
+                out += [Offered(qualified(tool.name, t.name), t, tool.name, f"tools.{i}.tools.{j}.parameters")
+                        for j, t in tool.functions()]
+        return out
+
+    def namespaced(self) -> dict[str, tuple[str, str]]:
+        """The model's name of each namespace function -> (namespace, name), as its calls go out."""
+        return {o.name: (o.namespace, o.tool.name) for o in self.offered() if o.namespace}
+
+    def echoed_tools(self) -> list[dict]:
+        return [t.echo() for t in self.tools or [] if isinstance(t, (FunctionTool, NamespaceTool))]
 
     def sampling_params(self) -> SamplingParams:
         return SamplingParams(temperature=1.0 if self.temperature is None else self.temperature,
@@ -224,14 +299,15 @@ class ResponsesRequest(_Strict):
         named = self.tool_choice if isinstance(self.tool_choice, NamedFunction) else None
         fmt = self.text.format if self.text else None
         json_mode = {"json_object": "object", "json_schema": "schema"}.get(fmt.type) if fmt else None
+        offered = self.offered()
         return OutputSpec(
-            tools=[{"name": t.name, "parameters": t.parameters, "strict": t.strict is not False}
-                   for t in self.function_tools()],
+            tools=[{"name": o.name, "parameters": o.tool.parameters, "strict": o.tool.strict is not False}
+                   for o in offered],
             tool_choice="named" if named else (self.tool_choice or "auto"), tool_name=named.name if named else None,
             parallel=self.parallel_tool_calls is not False, json_mode=json_mode,
             schema=fmt.schema_ if json_mode == "schema" else None, strict=bool(fmt and fmt.strict),
             tools_param="tools", format_param="text.format", schema_param="text.format.schema",
-            tool_params=tuple(f"tools.{i}.parameters" for i, t in enumerate(self.tools or []) if isinstance(t, FunctionTool)))
+            tool_params=tuple(o.param for o in offered))
 
 
 def input_messages(body: ResponsesRequest, history: list[dict]) -> list[dict]:
@@ -245,7 +321,7 @@ def input_messages(body: ResponsesRequest, history: list[dict]) -> list[dict]:
         if isinstance(item, FunctionCallItem):
             called.add(item.call_id)
             _add_call(out, {"id": item.call_id, "type": "function",
-                            "function": {"name": item.name, "arguments": item.arguments}})
+                            "function": {"name": qualified(item.namespace, item.name), "arguments": item.arguments}})
         elif isinstance(item, FunctionCallOutputItem):
             if item.call_id not in called:
                 raise bad_request(f"input[{i}] is a function_call_output whose call_id {item.call_id!r} answers "
@@ -271,12 +347,12 @@ def output_messages(output: list[dict]) -> list[dict]:
     """A response's output items as the assistant turn the next response continues."""
     text = "".join(p["text"] for item in output if item["type"] == "message" for p in item["content"])
     calls = [{"id": item["call_id"], "type": "function",
-              "function": {"name": item["name"], "arguments": item["arguments"]}}
+              "function": {"name": qualified(item.get("namespace"), item["name"]), "arguments": item["arguments"]}}
              for item in output if item["type"] == "function_call"]
     return [{"role": "assistant", "content": text, **({"tool_calls": calls} if calls else {})}]
 
 
 def tool_definitions(body: ResponsesRequest) -> list[dict]:
-    """Function tools in the shape chat templates expect ({"type": "function", "function": {...}})."""
-    return [{"type": "function", "function": t.model_dump(exclude={"type", "strict"}, exclude_none=True)}
-            for t in body.function_tools()]
+    """Offered functions in the shape chat templates expect ({"type": "function", "function": {...}})."""
+    return [{"type": "function", "function": {"name": o.name, **o.tool.model_dump(
+        include={"description", "parameters"}, exclude_none=True)}} for o in body.offered()]

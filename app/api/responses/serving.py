@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
 from app.api.responses.protocol import (NamedFunction, ResponsesRequest, input_messages, output_messages,
@@ -38,6 +38,7 @@ class Prepared:
     conversation: list[dict]  # chat messages before the output (instructions aside: they never carry over)
     scope: str  # the client's, for the store
     store: bool
+    namespaced: dict = field(default_factory=dict)  # ResponsesRequest.namespaced(): how calls go out
 
 
 class ResponsesServing:
@@ -60,7 +61,9 @@ class ResponsesServing:
         plan = self.constraints.plan(body.output_spec())
         tools = tool_definitions(body) if body.tool_choice != "none" else None
         prompt = render_prompt(self.ctx.text, system + messages, tools or None)
-        max_tokens = self.admission.max_tokens(body.max_output_tokens, "max_output_tokens", len(prompt), "input")
+        cap = output_cap(body.max_output_tokens, len(prompt), self.ctx.engine.model.context_length,
+                         self.settings.max_tokens_limit)
+        max_tokens = self.admission.max_tokens(cap, "max_output_tokens", len(prompt), "input")
         self.admission.admit(len(prompt), max_tokens, 1, client)
         request = GenerationRequest(
             f"resp_{uuid.uuid4().hex}", prompt, max_tokens, body.sampling_params(), grammar=plan.grammar,
@@ -68,11 +71,11 @@ class ResponsesServing:
             cache_scope=client if self._keys_on else "", log_id=request_id,
             prompt_text=repr(system + messages) if self.settings.log_prompts else None)
         store = body.store is not False
-        return Prepared(request, _head(request.id, model, body, store), messages, client, store)
+        return Prepared(request, _head(request.id, model, body, store), messages, client, store, body.namespaced())
 
     def complete(self, prepared: Prepared, environ: dict) -> dict:
         generation = Generation(self.ctx, prepared.request, environ)
-        writer = OutputWriter(stream=False)
+        writer = OutputWriter(stream=False, namespaced=prepared.namespaced)
         for event in generation.events():
             _write(writer, event)
         return self._finish(prepared, generation, writer)
@@ -80,7 +83,7 @@ class ResponsesServing:
     def stream(self, prepared: Prepared, environ: dict) -> Iterator[str]:
         """SSE events. Errors after the first byte become an error event, and the stream ends."""
         generation = Generation(self.ctx, prepared.request, environ)
-        writer = OutputWriter(stream=True)
+        writer = OutputWriter(stream=True, namespaced=prepared.namespaced)
         try:
             writer.event("response.created", response=prepared.head)
             writer.event("response.in_progress", response=prepared.head)
@@ -145,8 +148,9 @@ class OutputWriter:
     """A response's output items, built from Generation events; when streaming, also the events
     that announce each step, numbered from 0 (`take()` hands them over)."""
 
-    def __init__(self, stream: bool):
+    def __init__(self, stream: bool, namespaced: Optional[dict] = None):
         self.items: list[dict] = []
+        self._namespaced = namespaced or {}
         self._open: Optional[dict] = None  # the item being generated
         self._stream, self._pending, self._seq = stream, [], 0
 
@@ -171,8 +175,9 @@ class OutputWriter:
 
     def add_call(self, delta: ToolCallDelta) -> None:
         if delta.id is not None:  # a call's first piece
-            self._start({"type": "function_call", "id": _new_id("fc"), "call_id": delta.id, "name": delta.name,
-                         "arguments": "", "status": "in_progress"})
+            namespace, name = self._namespaced.get(delta.name, (None, delta.name))
+            self._start({"type": "function_call", "id": _new_id("fc"), "call_id": delta.id, "name": name,
+                         **({"namespace": namespace} if namespace else {}), "arguments": "", "status": "in_progress"})
         if delta.arguments:
             self._open["arguments"] += delta.arguments
             self.event("response.function_call_arguments.delta", **self._where(), delta=delta.arguments)
@@ -227,8 +232,18 @@ def _head(response_id: str, model: str, body: ResponsesRequest, store: bool) -> 
             "temperature": 1.0 if body.temperature is None else body.temperature,
             "text": {"format": fmt.model_dump(by_alias=True, exclude_none=True) if fmt else {"type": "text"}},
             "tool_choice": choice.model_dump() if isinstance(choice, NamedFunction) else (choice or "auto"),
-            "tools": [t.echo() for t in body.function_tools()], "top_p": 1.0 if body.top_p is None else body.top_p,
+            "tools": body.echoed_tools(), "top_p": 1.0 if body.top_p is None else body.top_p,
             "truncation": "disabled", "usage": None, "user": body.user}
+
+
+def output_cap(asked: Optional[int], prompt_len: int, context: int, limit: int) -> Optional[int]:
+    """max_output_tokens is a cap, not a demand (clients send their hosted model's maximum, which a
+    local one rarely has room for): what the context and MAX_TOKENS_LIMIT leave, if less. At least
+    1, so that a prompt that alone fills the context is still Admission's 400. None (not given)
+    keeps Admission's default."""
+    if asked is None:
+        return None
+    return max(1, min(asked, context - prompt_len, limit))
 
 
 def _usage(prompt: int, output: int, cached: int) -> dict:

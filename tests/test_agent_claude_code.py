@@ -1,0 +1,88 @@
+"""The real Claude Code CLI (2.1.332, scripts/install-agent-clis.sh) completes a one-shot task
+against Orchard: `claude -p`, offline, with its full agent request (12 tools, a system prompt in
+blocks with cache_control, adaptive thinking, effort, context_management, a mid-conversation
+system message, seven-plus betas, max_tokens far beyond the context) on a tiny random Qwen2
+with a 32k context.
+
+Random weights write gibberish, which is fine: the point is the protocol. They must also end
+their turn, though. A turn cut by max_tokens is no way out: Claude Code takes stop_reason
+max_tokens as a failure, sends "Output token limit hit. Resume directly" three times, then exits
+1 with "Claude's response exceeded the N output token maximum". So the test serves a copy of the
+model made terse (`terse_copy`): it ends each turn after a few tokens, with stop_reason end_turn.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import agent_cli, assert_never_blocked
+from tests.server import ServerProcess
+
+API_KEY = "sk-orchard-claude-code"
+MODEL = "claude-opus-5-5"  # the CLI's own default model: its full request, system messages included
+P_END = 0.15  # per token: answers of ~6 tokens; MAX_TOKENS_LIMIT 64 almost never cuts one
+
+
+def terse_copy(source: Path, target: Path, p_end: float = P_END) -> Path:
+    """The model with one hidden feature made constant and large in every token's embedding, and
+    a little larger in the end-of-turn token's: the final norm then sees it at every position, and
+    with tied embeddings every step ends the turn with probability ~p_end (the rest stays random)."""
+    import mlx.core as mx
+
+    shutil.copytree(source, target)
+    eos = json.loads((target / "config.json").read_text())["eos_token_id"]
+    weights = mx.load(str(source / "model.safetensors"))
+    embed = weights["model.embed_tokens.weight"]
+    vocab, hidden = embed.shape
+    # The feature dominates the norm: the final hidden state carries ~sqrt(hidden) of it.
+    boost = math.log(p_end / (1 - p_end) * (vocab - 1)) / math.sqrt(hidden)
+    embed[:, 0] = mx.full((vocab,), 4.0 * math.sqrt(hidden)).at[eos].add(boost)
+    mx.save_safetensors(str(target / "model.safetensors"), weights, metadata={"format": "mlx"})
+    return target
+
+
+@pytest.fixture(scope="module")
+def server(long_context_model_dir, tmp_path_factory):
+    model = terse_copy(long_context_model_dir, tmp_path_factory.mktemp("terse") / "tiny-32k")
+    log = tmp_path_factory.mktemp("claude-server") / "server.log"
+    server = ServerProcess({"MODEL": str(model), "MODEL_ID": "tiny-32k", "MODEL_ALIASES": "claude-*",
+                            "API_KEYS": API_KEY, "MAX_TOKENS_LIMIT": "64", "DEFAULT_MAX_TOKENS": "64"}, log).start()
+    yield server
+    assert_never_blocked(server)
+    server.stop()
+
+
+def messages_statuses(server: ServerProcess) -> list[int]:
+    """HTTP statuses of the server's /v1/messages answers, from its access log."""
+    statuses = []
+    for line in server.full_log().splitlines():
+        if line.startswith("{") and '"orchard.access"' in line:
+            entry = json.loads(line)
+            if entry.get("route") == "/v1/messages":
+                statuses.append(entry["status"])
+    return statuses
+
+
+def test_claude_code_completes_a_one_shot_task(server, tmp_path):
+    claude = agent_cli("claude")
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    # A clean environment: no inherited ANTHROPIC_* credentials or proxies, no user settings.
+    env = {"PATH": os.environ["PATH"], "HOME": str(home), "ANTHROPIC_BASE_URL": server.base_url,
+           "ANTHROPIC_API_KEY": API_KEY, "DISABLE_TELEMETRY": "1", "DISABLE_AUTOUPDATER": "1",
+           "DISABLE_ERROR_REPORTING": "1", "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1"}
+    run = subprocess.run([claude, "-p", "Say hello", "--model", MODEL, "--output-format", "json"],
+                         cwd=work, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=170)
+    assert run.returncode == 0, f"stdout: {run.stdout[-2000:]}\nstderr: {run.stderr[-2000:]}\n{server.log()}"
+    result = json.loads(run.stdout)
+    assert result["type"] == "result" and result["is_error"] is False, result
+    statuses = messages_statuses(server)
+    assert statuses and all(s == 200 for s in statuses), statuses
+    assert result["usage"]["input_tokens"] + result["usage"]["cache_read_input_tokens"] > 8000  # the agent's prompt

@@ -1,14 +1,16 @@
 """The real Claude Code CLI (2.1.332, scripts/install-agent-clis.sh) completes a one-shot task
-against Orchard: `claude -p`, offline, with its full agent request (12 tools, a system prompt in
-blocks with cache_control, adaptive thinking, effort, context_management, a mid-conversation
-system message, seven-plus betas, max_tokens far beyond the context) on a tiny random Qwen2
-with a 32k context.
+against Orchard: `claude -p`, offline, with its full agent request (~15.8k tokens here: 12 tools,
+one deferred; a system prompt in blocks with cache_control after the billing header; adaptive
+thinking, effort, context_management; a `system` message after the user's; eight betas;
+max_tokens 128000, far beyond the context) on a tiny random Qwen2 with a 32k context.
 
 Random weights write gibberish, which is fine: the point is the protocol. They must also end
 their turn, though. A turn cut by max_tokens is no way out: Claude Code takes stop_reason
 max_tokens as a failure, sends "Output token limit hit. Resume directly" three times, then exits
-1 with "Claude's response exceeded the N output token maximum". So the test serves a copy of the
-model made terse (`terse_copy`): it ends each turn after a few tokens, with stop_reason end_turn.
+1 with "Claude's response exceeded the N output token maximum". Nor is `--json-schema` (the
+Codex test's way out): Claude Code asks for it with a StructuredOutput tool under tool_choice
+auto, which random weights never call. So the test serves a copy of the model made terse
+(`terse_copy`): it ends each turn after a few tokens, with stop_reason end_turn.
 """
 from __future__ import annotations
 
@@ -49,6 +51,7 @@ def terse_copy(source: Path, target: Path, p_end: float = P_END) -> Path:
 
 @pytest.fixture(scope="module")
 def server(long_context_model_dir, tmp_path_factory):
+    agent_cli("claude")  # skip before starting a server for nothing
     model = terse_copy(long_context_model_dir, tmp_path_factory.mktemp("terse") / "tiny-32k")
     log = tmp_path_factory.mktemp("claude-server") / "server.log"
     server = ServerProcess({"MODEL": str(model), "MODEL_ID": "tiny-32k", "MODEL_ALIASES": "claude-*",

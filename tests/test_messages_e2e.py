@@ -61,7 +61,8 @@ def ask(client, stream: bool, **kwargs) -> anthropic.types.Message:
 def billing_header() -> dict:
     """Claude Code's first system block: its nonce changes on every request."""
     nonce = uuid.uuid4().hex[:5]
-    return {"type": "text", "text": f"x-anthropic-billing-header: cc_version=2.1.332.1c9; cc_entrypoint=cli; cch={nonce};"}
+    text = f"x-anthropic-billing-header: cc_version=2.1.332.1c9; cc_entrypoint=cli; cch={nonce};"
+    return {"type": "text", "text": text}
 
 
 def _validate_weather(block) -> None:
@@ -113,7 +114,8 @@ def test_claude_codes_request_shape_streams_an_answer(client):
                 {"type": "text", "text": "Answer briefly.", "cache_control": {"type": "ephemeral"}}],
         messages=[{"role": "user", "content": [{"type": "text", "text": "Say hello"}]},
                   {"role": "system", "content": [{"type": "text", "text": "# Environment\n - Platform: linux",
-                                                  "cache_control": {"type": "ephemeral"}}]}],
+                                                  "cache_control": {"type": "ephemeral"}}],
+                   "output_config": {"effort": "medium"}}],
         tools=[bash, placeholder], thinking={"type": "adaptive", "display": "omitted"},
         output_config={"effort": "medium"}, metadata={"user_id": json.dumps({"device_id": "d" * 64,
                                                                              "session_id": str(uuid.uuid4())})},
@@ -122,7 +124,8 @@ def test_claude_codes_request_shape_streams_an_answer(client):
         reply = events.get_final_message()
     assert reply.stop_reason in ("end_turn", "max_tokens", "tool_use") and reply.content
     assert 0 < reply.usage.output_tokens <= 64  # 128000 asked, capped by MAX_TOKENS_LIMIT
-    counted = client.beta.messages.count_tokens(**{k: v for k, v in kwargs.items() if k not in ("max_tokens", "metadata")})
+    counted = client.beta.messages.count_tokens(**{k: v for k, v in kwargs.items()
+                                                   if k not in ("max_tokens", "metadata")})
     assert counted.input_tokens == reply.usage.input_tokens + reply.usage.cache_read_input_tokens
 
 

@@ -38,7 +38,7 @@ CLAUDE_CODE = {
             {"type": "text", "text": "<system-reminder>\nAttribution for git commits ...\n</system-reminder>\n"},
             {"type": "text", "text": "Say hello"}]},
         {"role": "system", "content": [{"type": "text", "text": "# Environment\n - Platform: linux",
-                                        "cache_control": EPHEMERAL}]}],
+                                        "cache_control": EPHEMERAL}], "output_config": {"effort": "medium"}}],
     "system": [
         {"type": "text", "text": billing("8f3a1")},
         {"type": "text", "text": "You are a Claude agent, built on Anthropic's Claude Agent SDK.",

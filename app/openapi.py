@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+from pydantic.json_schema import models_json_schema
+
 from app.api.chat.protocol import ChatCompletionRequest
 from app.api.completions.protocol import CompletionRequest
 from app.api.messages.protocol import CountTokensRequest, MessagesRequest
@@ -39,12 +41,13 @@ def _by_id(summary: str, security: list) -> dict:
 
 @lru_cache(maxsize=1)
 def document() -> dict:
-    schema = ChatCompletionRequest.model_json_schema(ref_template="#/components/schemas/{model}")
-    defs = schema.pop("$defs", {})
-    bodies = {}
-    for model in (CompletionRequest, ResponsesRequest, MessagesRequest, CountTokensRequest):
-        bodies[model.__name__] = model.model_json_schema(ref_template="#/components/schemas/{model}")
-        defs.update(bodies[model.__name__].pop("$defs", {}))
+    # One pass over every request model: pydantic gives same-named classes of different APIs
+    # (chat's Tool, Anthropic's Tool) distinct component names.
+    models = (ChatCompletionRequest, CompletionRequest, ResponsesRequest, MessagesRequest, CountTokensRequest)
+    refs, combined = models_json_schema([(m, "validation") for m in models],
+                                        ref_template="#/components/schemas/{model}")
+    defs = combined.get("$defs", {})
+    names = {m.__name__: refs[(m, "validation")]["$ref"].rsplit("/", 1)[-1] for m in models}
     security = [{"bearer": []}]
     anthropic = [{"bearer": []}, {"x-api-key": []}]
     get_json = lambda summary: {"summary": summary, "security": security,  # noqa: E731
@@ -53,7 +56,7 @@ def document() -> dict:
         "openapi": "3.1.0",
         "info": {"title": "Orchard", "version": __version__,
                  "description": "OpenAI-compatible LLM inference server for Apple silicon"},
-        "components": {"schemas": {"ChatCompletionRequest": schema, **bodies, **defs},
+        "components": {"schemas": defs,
                        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"},
                                            "x-api-key": {"type": "apiKey", "in": "header", "name": "x-api-key"}}},
         "paths": {
@@ -67,19 +70,19 @@ def document() -> dict:
             "/v1/chat/completions": {"post": {
                 "summary": "Chat completion (JSON, or SSE when stream is true)", "security": security,
                 "requestBody": {"required": True, "content": {"application/json": {
-                    "schema": {"$ref": "#/components/schemas/ChatCompletionRequest"}}}},
+                    "schema": {"$ref": f"#/components/schemas/{names['ChatCompletionRequest']}"}}}},
                 "responses": {"200": {"description": "completion", "content": {
                     "application/json": {"schema": {"type": "object"}},
                     "text/event-stream": {"schema": {"type": "string"}}}},
                     **_errors(400, 401, 404, 413, 415, 429, 503)}}},
             "/v1/completions": {"post": _post("Text completion (JSON, or SSE when stream is true)",
-                                              "CompletionRequest", security)},
+                                              names["CompletionRequest"], security)},
             "/v1/responses": {"post": _post("Responses API (JSON, or SSE events when stream is true)",
-                                            "ResponsesRequest", security)},
+                                            names["ResponsesRequest"], security)},
             "/v1/responses/{response_id}": {
                 "get": _by_id("A stored response", security), "delete": _by_id("Delete a stored response", security)},
             "/v1/messages": {"post": _post("Anthropic Messages (JSON, or SSE events when stream is true); errors in "
-                                           "Anthropic's envelope", "MessagesRequest", anthropic)},
-            "/v1/messages/count_tokens": {"post": _post("Anthropic token count", "CountTokensRequest", anthropic)},
+                                           "Anthropic's envelope", names["MessagesRequest"], anthropic)},
+            "/v1/messages/count_tokens": {"post": _post("Anthropic token count", names["CountTokensRequest"], anthropic)},
         },
     }

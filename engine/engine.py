@@ -136,6 +136,9 @@ class Engine:
     def fits_alone(self, max_length: int) -> bool:
         return self._scheduler.fits_alone(max_length)
 
+    def longest_alone(self) -> Optional[int]:
+        return self._scheduler.longest_alone()
+
     def prefix_cache(self) -> dict:
         """A snapshot of the prefix cache (plain ints written by the engine thread)."""
         cache = getattr(self._generator, "prefix_cache", None)

@@ -81,6 +81,12 @@ class Scheduler:
     def batch_bytes(self, rows: int, longest: int) -> int:
         return rows * round_up(longest) * self.kv_bytes_per_token
 
+    def longest_alone(self) -> Optional[int]:
+        """The most tokens (prompt + completion) one sequence may hold within the KV budget."""
+        if self.kv_budget is None or not self.kv_bytes_per_token:
+            return None
+        return self.kv_budget // (KV_STEP * self.kv_bytes_per_token) * KV_STEP
+
     def fits_alone(self, max_length: int) -> bool:
         return self.kv_budget is None or self.batch_bytes(1, max_length) <= self.kv_budget
 

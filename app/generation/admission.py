@@ -41,6 +41,17 @@ class Admission:
                 param=prompt_param, code="context_length_exceeded")
         return wanted
 
+    def cap_tokens(self, asked: int, prompt_len: int) -> int:
+        """A completion budget that is a cap, not a demand (Anthropic's max_tokens, Responses'
+        max_output_tokens: agents send their hosted model's maximum): what the context, the
+        KV-cache budget and MAX_TOKENS_LIMIT leave, if less. At least 1, so that a prompt that
+        alone fills the context still gets max_tokens()'s 400."""
+        room = [asked, self._engine.model.context_length - prompt_len, self._settings.max_tokens_limit]
+        longest = self._engine.longest_alone()
+        if longest is not None:
+            room.append(longest - prompt_len)
+        return max(1, min(room))
+
     def check_n(self, n: int) -> None:
         if n > self._settings.max_n:
             raise bad_request(f"n={n} exceeds this server's limit of {self._settings.max_n} choices (MAX_N)",

@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from app.api.messages.conversation import without_billing_header
 from app.api.messages.protocol import CountTokensRequest, MessagesRequest
-from app.api.messages.serving import ContentBlocks, MessagesServing, matched_stop, stop_reason, usage
+from app.api.messages.serving import ContentBlocks, matched_stop, stop_reason, usage
 from app.errors import APIError, anthropic_body, from_validation
 from app.generation.events import ChoiceDone, FinishReason, TextDelta, ToolCallEvent
 from app.text.tool_parsers import ToolCallDelta
@@ -184,18 +184,6 @@ def test_output_config_format_constrains_the_answer_to_its_schema():
     spec = parse(output_config={"effort": "low", "format": {"type": "json_schema", "schema": schema}}).output_spec()
     assert (spec.json_mode, spec.schema, spec.strict) == ("schema", schema, True)
     assert spec.schema_param == "output_config.format.schema"
-
-
-@pytest.mark.parametrize("asked, prompt_len, expected", [
-    (32000, 100, 64),  # MAX_TOKENS_LIMIT
-    (32000, 1000, 24),  # what the context leaves
-    (10, 100, 10),
-    (32000, 1024, 1),  # no room: Admission answers the context-length 400
-])
-def test_max_tokens_is_a_cap(asked, prompt_len, expected):
-    serving = SimpleNamespace(ctx=SimpleNamespace(engine=SimpleNamespace(model=SimpleNamespace(context_length=1024))),
-                              settings=SimpleNamespace(max_tokens_limit=64))
-    assert MessagesServing._cap(serving, asked, prompt_len) == expected
 
 
 def test_a_tool_conversation_becomes_chat_messages_in_template_order():

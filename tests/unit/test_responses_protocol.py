@@ -407,19 +407,3 @@ def test_a_call_of_a_namespace_function_goes_out_with_its_namespace(monkeypatch)
     assert serving.store.get("client-a", "resp_test").conversation[-1]["tool_calls"][0]["function"]["name"] == \
         "multi_agent_v1.close_agent"  # the next turn shows the model the name it wrote
     assert "namespace" not in serve(monkeypatch, CALL_EVENTS, stream=False, tools=[WEATHER])[0]["output"][1]
-
-
-@pytest.mark.parametrize("asked, prompt_len, expected", [
-    (None, 100, None),  # Admission's default applies
-    (10, 100, 10),
-    (10**6, 100, 64),  # MAX_TOKENS_LIMIT leaves less
-    (10**6, 1000, 24),  # the context leaves less
-    (50, 1000, 24),
-    (10**6, 1023, 1),
-    (10**6, 1024, 1),  # the prompt fills the context: Admission's 400 follows
-    (10**6, 5000, 1),
-])
-def test_max_output_tokens_is_a_cap(asked, prompt_len, expected):
-    from app.api.responses.serving import output_cap
-
-    assert output_cap(asked, prompt_len, context=1024, limit=64) == expected

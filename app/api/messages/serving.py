@@ -139,20 +139,16 @@ class MessagesServing:
         plan = self.constraints.plan(body.output_spec())
         messages = body.chat_messages()
         prompt = render_prompt(self.ctx.text, messages, body.tool_definitions())
-        max_tokens = self.admission.max_tokens(self._cap(body.max_tokens, len(prompt)), "max_tokens", len(prompt))
+        # max_tokens is a cap (Claude Code asks 32000-128000 whatever the model): generation stops
+        # where the context, memory or MAX_TOKENS_LIMIT end it, with stop_reason max_tokens.
+        cap = self.admission.cap_tokens(body.max_tokens, len(prompt))
+        max_tokens = self.admission.max_tokens(cap, "max_tokens", len(prompt))
         self.admission.admit(len(prompt), max_tokens, 1, client)
         return GenerationRequest(
             f"msg_{uuid.uuid4().hex}", prompt, max_tokens, body.sampling_params(), grammar=plan.grammar,
             stop_strings=tuple(body.stop_sequences or ()), tool_parser=plan.parser, parallel_tool_calls=plan.parallel,
             cache_scope=client if self._keys_on else "", log_id=request_id,
             prompt_text=repr(messages) if self.settings.log_prompts else None)
-
-    def _cap(self, asked: int, prompt_len: int) -> int:
-        """max_tokens is a cap (Claude Code asks 32000-128000 whatever the model): generation stops
-        where the context or MAX_TOKENS_LIMIT ends it, with stop_reason max_tokens. A prompt that
-        leaves no room keeps 1, so Admission answers the context-length 400."""
-        room = self.ctx.engine.model.context_length - prompt_len
-        return max(1, min(asked, room, self.settings.max_tokens_limit))
 
     def complete(self, request: GenerationRequest, model: str, environ: dict) -> dict:
         generation = Generation(self.ctx, request, environ)

@@ -61,8 +61,9 @@ class ResponsesServing:
         plan = self.constraints.plan(body.output_spec())
         tools = tool_definitions(body) if body.tool_choice != "none" else None
         prompt = render_prompt(self.ctx.text, system + messages, tools or None)
-        cap = output_cap(body.max_output_tokens, len(prompt), self.ctx.engine.model.context_length,
-                         self.settings.max_tokens_limit)
+        # max_output_tokens is a cap, not a demand; not given keeps Admission's default.
+        asked = body.max_output_tokens
+        cap = None if asked is None else self.admission.cap_tokens(asked, len(prompt))
         max_tokens = self.admission.max_tokens(cap, "max_output_tokens", len(prompt), "input")
         self.admission.admit(len(prompt), max_tokens, 1, client)
         request = GenerationRequest(
@@ -234,16 +235,6 @@ def _head(response_id: str, model: str, body: ResponsesRequest, store: bool) -> 
             "tool_choice": choice.model_dump() if isinstance(choice, NamedFunction) else (choice or "auto"),
             "tools": body.echoed_tools(), "top_p": 1.0 if body.top_p is None else body.top_p,
             "truncation": "disabled", "usage": None, "user": body.user}
-
-
-def output_cap(asked: Optional[int], prompt_len: int, context: int, limit: int) -> Optional[int]:
-    """max_output_tokens is a cap, not a demand (clients send their hosted model's maximum, which a
-    local one rarely has room for): what the context and MAX_TOKENS_LIMIT leave, if less. At least
-    1, so that a prompt that alone fills the context is still Admission's 400. None (not given)
-    keeps Admission's default."""
-    if asked is None:
-        return None
-    return max(1, min(asked, context - prompt_len, limit))
 
 
 def _usage(prompt: int, output: int, cached: int) -> dict:

@@ -110,8 +110,6 @@ class Settings:
             keys += [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
         return tuple(keys)
 
-    def replace(self, **changes) -> "Settings":
-        return dataclasses.replace(self, **changes)
 
     def describe(self) -> list[tuple[str, str, str]]:
         """(variable, value, help) for every setting: `orchard config check` prints it."""

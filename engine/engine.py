@@ -393,10 +393,10 @@ class Engine:
         self._scheduler.running.clear()
         self._scheduler.waiting.clear()
         ended = [(s.request_id, Finished(finish_reason, len(s.request.prompt_tokens), s.completion_tokens,
-                                         error=why, error_type="server_error")) for s in sequences]
+                                         error=why)) for s in sequences]
         if self._scorer is not None:
-            ended += [(r.request_id, Finished(finish_reason, len(r.prompt_tokens), 0, error=why,
-                                              error_type="server_error")) for r in self._scorer.drain()]
+            ended += [(r.request_id, Finished(finish_reason, len(r.prompt_tokens), 0, error=why))
+                      for r in self._scorer.drain()]
         if ended and self._bridge is not None:
             self._publish(ended)
 
@@ -420,7 +420,7 @@ class Engine:
 
 
 def _gone(why: str) -> Finished:
-    return Finished("error", error=why, error_type="server_error")
+    return Finished("error", error=why)
 
 
 def _error(exc: Exception) -> Finished:

@@ -47,11 +47,10 @@ class Generator:
             stream=self._stream,
         )
         self._samplers = SamplerFactory()
-        self._stops: dict[tuple[int, ...], StopSequences] = {}
+        self._stops: dict[bool, StopSequences] = {}
         self.prefix_cache = PrefixCache(prefix_cache_bytes)
         self._scopes: dict[int, str] = {}  # uid -> prefix-cache scope of sequences that have one
         self._vocab_size = getattr(getattr(model, "args", None), "vocab_size", None)
-        self.active = 0
 
     def insert(self, request: AddRequest) -> tuple[int, int]:
         """Queue a sequence; returns (uid, prompt tokens served from the prefix cache)."""
@@ -129,14 +128,12 @@ class Generator:
             samplers=[self._samplers.sampler(params)],
             logits_processors=[processors],
             # A grammar ends with EOS: its row never ignores it.
-            stop_sequences=[self._stop_sequences(request.stop_token_ids,
-                                                 request.ignore_eos and request.grammar is None)],
+            stop_sequences=[self._stop_sequences(request.ignore_eos and request.grammar is None)],
         )
         if request.cache_scope:
             self._scopes[uid] = request.cache_scope
         if request.logprobs is not None:
             self._logprobs[uid] = request.logprobs
-        self.active += 1
         return uid, cached
 
     def _grammar(self, grammar: str):
@@ -154,7 +151,6 @@ class Generator:
         self._logprobs.pop(uid, None)
         keep = keep_prefix and self.prefix_cache.capacity > 0
         left = self._batch.remove([uid], return_prompt_caches=keep)
-        self.active -= 1
         if uid in left:
             layers, tokens = left[uid]
             self._keep([(tokens, layers, scope)])
@@ -167,7 +163,6 @@ class Generator:
         finished = [r for r in responses if r.finish_reason is not None]
         for r in finished:
             self._logprobs.pop(r.uid, None)
-        self.active -= len(finished)
         scopes = [self._scopes.pop(r.uid, "") for r in finished]
         if finished and self.prefix_cache.capacity > 0:
             self._keep_prefixes(finished, scopes)
@@ -212,18 +207,11 @@ class Generator:
         return counters.prompt_time, counters.decode_time
 
     @property
-    def decoding(self) -> int:
-        return len(self._batch._generation_batch)
-
-    @property
     def kv_cache_bytes(self) -> int:
         return self._batch.prompt_cache_nbytes
 
-    def _stop_sequences(self, extra: tuple[int, ...], ignore_eos: bool) -> StopSequences:
-        key = tuple(sorted(set(extra) | (set() if ignore_eos else set(self._eos))))
-        if key not in self._stops:
-            self._stops[key] = StopSequences([[t] for t in key] or None)
-        return self._stops[key]
-
-    def close(self) -> None:
-        self._batch.close()
+    def _stop_sequences(self, ignore_eos: bool) -> StopSequences:
+        """One shared object per kind: the model's EOS tokens end a row, or (ignore_eos) nothing does."""
+        if ignore_eos not in self._stops:
+            self._stops[ignore_eos] = StopSequences(None if ignore_eos else [[t] for t in self._eos] or None)
+        return self._stops[ignore_eos]

@@ -19,8 +19,6 @@ class AddRequest:
     prompt_tokens: list[int]
     max_tokens: int
     sampling: SamplingParams = field(default_factory=SamplingParams)
-    # Extra stop token ids beyond the model's EOS set (e.g. from a grammar).
-    stop_token_ids: tuple[int, ...] = ()
     # Generate through EOS (benchmarks that need fixed work per request).
     ignore_eos: bool = False
     # Prefix-cache partition: requests only reuse state left by requests of the same scope.
@@ -111,5 +109,4 @@ class Finished:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: Optional[str] = None
-    error_type: Optional[str] = None
     cached_tokens: int = 0

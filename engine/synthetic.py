@@ -20,20 +20,17 @@ class SyntheticGenerator:
         self._tokens = token_ids
         self._rows: dict[int, list[int]] = {}  # uid -> [produced, max_tokens]
         self._next_uid = 0
-        self.active = 0
 
     def insert(self, request: AddRequest) -> tuple[int, int]:
         uid, self._next_uid = self._next_uid, self._next_uid + 1
         self._rows[uid] = [0, request.max_tokens]
-        self.active += 1
         return uid, 0
 
     def insert_many(self, requests: list[AddRequest]) -> list:
         return [self.insert(r) for r in requests]
 
     def remove(self, uid: int, keep_prefix: bool = False) -> None:  # no prefix cache here
-        if self._rows.pop(uid, None) is not None:
-            self.active -= 1
+        self._rows.pop(uid, None)
 
     def step(self) -> list[StepToken]:
         _sleep(STEP_S)
@@ -48,10 +45,6 @@ class SyntheticGenerator:
         return out
 
     @property
-    def decoding(self) -> int:
-        return len(self._rows)
-
-    @property
     def kv_cache_bytes(self) -> int:
         return 0
 
@@ -60,9 +53,6 @@ class SyntheticGenerator:
 
     def limit_prefix_cache(self, limit: int) -> None:
         pass
-
-    def close(self) -> None:
-        self._rows.clear()
 
 
 def text_tokens(tokenizer) -> list[int]:

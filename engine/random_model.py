@@ -166,6 +166,30 @@ def _write_tokenizer(out_dir: Path, vocab_size: int) -> int:
     return len(SPECIAL_TOKENS)
 
 
+def make_terse(model_dir: Path, p_end: float = 0.15) -> Path:
+    """Make a random model end its turns: one hidden feature made constant and large in every
+    token's embedding, and a little larger in the end-of-turn token's. The final norm then sees
+    it at every position and, with tied embeddings, every step ends the turn with probability
+    about `p_end` (the rest stays random). Agents' tests need answers that end by themselves:
+    Claude Code and Codex treat an answer cut by max_tokens as a failure. In place."""
+    import math
+
+    import mlx.core as mx
+
+    model_dir = Path(model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    if not config.get("tie_word_embeddings"):
+        raise ValueError("make_terse needs tied embeddings")
+    weights = mx.load(str(model_dir / "model.safetensors"))
+    embed = weights["model.embed_tokens.weight"]
+    vocab, hidden = embed.shape
+    # The feature dominates the norm: the final hidden state carries ~sqrt(hidden) of it.
+    boost = math.log(p_end / (1 - p_end) * (vocab - 1)) / math.sqrt(hidden)
+    embed[:, 0] = mx.full((vocab,), 4.0 * math.sqrt(hidden)).at[config["eos_token_id"]].add(boost)
+    mx.save_safetensors(str(model_dir / "model.safetensors"), weights, metadata={"format": "mlx"})
+    return model_dir
+
+
 def _larger_corpus(limit: int = 4_000_000):
     """Text for a larger vocabulary: the standard library's own sources (on every machine)."""
     import json as stdlib_json

@@ -39,6 +39,15 @@ def long_context_model_dir(tmp_path_factory) -> Path:
     return write_random_model(tmp_path_factory.mktemp("tiny-32k"), "tiny-32k")
 
 
+@pytest.fixture(scope="session")
+def terse_long_context_model_dir(tmp_path_factory) -> Path:
+    """The same shape, made to end its turns after a few tokens (p ~0.15 per step): the agent
+    CLIs treat an answer cut by max_tokens as a failure, and random weights never end by themselves."""
+    from engine.random_model import make_terse, write_random_model
+
+    return make_terse(write_random_model(tmp_path_factory.mktemp("tiny-32k-terse"), "tiny-32k"))
+
+
 AGENTS_BIN = Path(os.environ.get("ORCHARD_AGENTS_DIR", Path("~/.cache/orchard/agents").expanduser())) / "node_modules/.bin"
 
 

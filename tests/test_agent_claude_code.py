@@ -10,16 +10,13 @@ max_tokens as a failure, sends "Output token limit hit. Resume directly" three t
 1 with "Claude's response exceeded the N output token maximum". Nor is `--json-schema` (the
 Codex test's way out): Claude Code asks for it with a StructuredOutput tool under tool_choice
 auto, which random weights never call. So the test serves a copy of the model made terse
-(`terse_copy`): it ends each turn after a few tokens, with stop_reason end_turn.
+(`engine.random_model.make_terse`): it ends each turn after a few tokens, with stop_reason end_turn.
 """
 from __future__ import annotations
 
 import json
-import math
 import os
-import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 
@@ -28,31 +25,12 @@ from tests.server import ServerProcess
 
 API_KEY = "sk-orchard-claude-code"
 MODEL = "claude-opus-5-5"  # the CLI's own default model: its full request, system messages included
-P_END = 0.15  # per token: answers of ~6 tokens; MAX_TOKENS_LIMIT 64 almost never cuts one
-
-
-def terse_copy(source: Path, target: Path, p_end: float = P_END) -> Path:
-    """The model with one hidden feature made constant and large in every token's embedding, and
-    a little larger in the end-of-turn token's: the final norm then sees it at every position, and
-    with tied embeddings every step ends the turn with probability ~p_end (the rest stays random)."""
-    import mlx.core as mx
-
-    shutil.copytree(source, target)
-    eos = json.loads((target / "config.json").read_text())["eos_token_id"]
-    weights = mx.load(str(source / "model.safetensors"))
-    embed = weights["model.embed_tokens.weight"]
-    vocab, hidden = embed.shape
-    # The feature dominates the norm: the final hidden state carries ~sqrt(hidden) of it.
-    boost = math.log(p_end / (1 - p_end) * (vocab - 1)) / math.sqrt(hidden)
-    embed[:, 0] = mx.full((vocab,), 4.0 * math.sqrt(hidden)).at[eos].add(boost)
-    mx.save_safetensors(str(target / "model.safetensors"), weights, metadata={"format": "mlx"})
-    return target
 
 
 @pytest.fixture(scope="module")
-def server(long_context_model_dir, tmp_path_factory):
+def server(terse_long_context_model_dir, tmp_path_factory):
     agent_cli("claude")  # skip before starting a server for nothing
-    model = terse_copy(long_context_model_dir, tmp_path_factory.mktemp("terse") / "tiny-32k")
+    model = terse_long_context_model_dir
     log = tmp_path_factory.mktemp("claude-server") / "server.log"
     server = ServerProcess({"MODEL": str(model), "MODEL_ID": "tiny-32k", "MODEL_ALIASES": "claude-*",
                             "API_KEYS": API_KEY, "MAX_TOKENS_LIMIT": "64", "DEFAULT_MAX_TOKENS": "64"}, log).start()

@@ -7,9 +7,10 @@ store false, stream) on a tiny random Qwen2 with a 32k context.
 Random weights write gibberish, which is fine: the point is the protocol. They must also end
 their turn, though, and they never write end-of-turn by themselves: a response cut by
 max_output_tokens is `response.incomplete`, which Codex takes as a failure ("Incomplete
-response returned, reason: max_output_tokens", exit 1). So the task asks for a structured
-answer (`--output-schema`, which Codex sends as text.format json_schema): the grammar ends the
-answer after a short JSON object, and the turn completes.
+response returned, reason: max_output_tokens", exit 1). So the model is made terse
+(`engine.random_model.make_terse`: each step ends the turn with probability ~0.15), and one
+test also asks for a structured answer (`--output-schema`, sent as text.format json_schema),
+which the grammar ends after a short JSON object.
 """
 from __future__ import annotations
 
@@ -29,10 +30,10 @@ SCHEMA = {"type": "object", "properties": {"greeting": {"type": "string", "maxLe
 
 
 @pytest.fixture(scope="module")
-def server(long_context_model_dir, tmp_path_factory):
+def server(terse_long_context_model_dir, tmp_path_factory):
     agent_cli("codex")  # skip before starting a server for nothing
     log = tmp_path_factory.mktemp("codex-server") / "server.log"
-    server = ServerProcess({"MODEL": str(long_context_model_dir), "MODEL_ID": MODEL, "API_KEYS": API_KEY,
+    server = ServerProcess({"MODEL": str(terse_long_context_model_dir), "MODEL_ID": MODEL, "API_KEYS": API_KEY,
                             "MAX_TOKENS_LIMIT": "64", "DEFAULT_MAX_TOKENS": "64"}, log).start()
     yield server
     assert_never_blocked(server)
@@ -49,8 +50,8 @@ def access_log(server: ServerProcess, message: str) -> list[dict]:
 
 @pytest.fixture
 def codex(server, tmp_path):
-    """Runs `codex exec ARGS...` with an output schema and its own CODEX_HOME pointing at the
-    server; asserts it exits 0 and returns its answer, parsed."""
+    """Runs `codex exec ARGS...` with its own CODEX_HOME pointing at the server (and an output
+    schema when `structured`); asserts it exits 0 and returns its last message (parsed if structured)."""
     binary = agent_cli("codex")
     home, work = tmp_path / "codex-home", tmp_path / "work"
     home.mkdir()
@@ -70,19 +71,28 @@ env_key = "ORCHARD_API_KEY"
     # A clean environment: no inherited OPENAI_* credentials or proxies, no user config.
     env = {"PATH": os.environ["PATH"], "HOME": str(home), "CODEX_HOME": str(home), "ORCHARD_API_KEY": API_KEY}
 
-    def run(*args: str):
+    def run(*args: str, structured: bool = True):
         last.unlink(missing_ok=True)
+        extra = ["--output-schema", str(schema)] if structured else []
         # --sandbox and --color are exec's own, so they go before a `resume`; `resume` takes the rest.
         done = subprocess.run([binary, "exec", "--sandbox", "read-only", "--color", "never", *args,
-                               "--skip-git-repo-check", "--output-schema", str(schema), "-o", str(last)],
+                               "--skip-git-repo-check", *extra, "-o", str(last)],
                               cwd=work, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=170)
         assert done.returncode == 0, f"stdout: {done.stdout[-2000:]}\nstderr: {done.stderr[-3000:]}\n{server.log()}"
-        return json.loads(last.read_text())
+        return json.loads(last.read_text()) if structured else last.read_text()
 
     return run
 
 
-def test_codex_exec_completes_a_one_shot_task(server, codex):
+def test_codex_exec_completes_a_plain_one_shot_task(server, codex):
+    codex("--ephemeral", "Say hello", structured=False)
+    statuses = [e["status"] for e in access_log(server, "request")]
+    assert statuses and all(s == 200 for s in statuses), statuses
+    done = access_log(server, "completion")
+    assert done and done[-1]["finish_reason"] == "stop" and done[-1]["prompt_tokens"] > 8000, done
+
+
+def test_codex_exec_completes_a_structured_one_shot_task(server, codex):
     answer = codex("--ephemeral", "Say hello")
     assert set(answer) == {"greeting"}  # the answer, in the schema's shape
     statuses = [e["status"] for e in access_log(server, "request")]

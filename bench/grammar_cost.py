@@ -57,15 +57,9 @@ TOOL_ANSWER = ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "San 
 
 def _byte_level_alphabet() -> dict[int, str]:
     """GPT-2's bytes -> printable characters map (what byte-level BPE vocabularies spell tokens in)."""
-    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {b: chr(c) for b, c in zip(bs, cs)}
+    from engine.detokenizer import _unicode_to_byte
+
+    return {b: c for c, b in _unicode_to_byte().items()}
 
 
 def _pieces(rng: random.Random):

@@ -12,25 +12,17 @@ from typing import Iterator
 
 from app.api.chat import shapes
 from app.api.chat.protocol import ChatCompletionRequest, ChatMessage
+from app.api.serving import Serving
 from app.errors import APIError, bad_request
-from app.generation.admission import Admission
-from app.generation.constraints import Constraints, OutputSpec
+from app.generation.constraints import OutputSpec
 from app.generation.events import ChoiceDone, FinishReason, TextDelta, ToolCallEvent
-from app.generation.generation import Generation, GenerationContext
+from app.generation.generation import Generation
 from app.generation.request import GenerationRequest
 from app.sse import SSE_DONE, SSE_KEEPALIVE, sse
 from app.text.chat_prompt import render_prompt
-from config import Settings
 
 
-class ChatServing:
-    def __init__(self, ctx: GenerationContext, settings: Settings, admission: Admission, constraints: Constraints):
-        self.ctx = ctx
-        self.settings = settings
-        self.admission = admission
-        self.constraints = constraints
-        self._keys_on = bool(settings.keys())  # then a client is a key id, and scopes the prefix cache
-
+class ChatServing(Serving):
     @property
     def model(self):
         return self.ctx.engine.model
@@ -54,7 +46,7 @@ class ChatServing:
             f"chatcmpl-{uuid.uuid4().hex}", prompt, max_tokens, body.sampling_params(), n=n,
             logprobs=body.logprobs_k, grammar=plan.grammar, stop_strings=tuple(body.stop_strings),
             tool_parser=plan.parser, parallel_tool_calls=plan.parallel, ignore_eos=body.ignore_eos,
-            cache_scope=client if self._keys_on else "", log_id=request_id,
+            cache_scope=self.cache_scope(client), log_id=request_id,
             prompt_text=repr(messages) if self.settings.log_prompts else None)
 
     def complete(self, request: GenerationRequest, environ: dict) -> dict:

@@ -12,23 +12,15 @@ from typing import Iterator, Optional
 
 from app.api.chat.shapes import FINISH_REASON, usage
 from app.api.completions.protocol import CompletionRequest
+from app.api.serving import Serving
 from app.errors import APIError, bad_request
-from app.generation.admission import Admission
-from app.generation.constraints import Constraints
 from app.generation.events import ChoiceDone, FinishReason, LogprobEntry, PromptScored, TextDelta
-from app.generation.generation import Generation, GenerationContext
+from app.generation.generation import Generation
 from app.generation.request import GenerationRequest
 from app.sse import SSE_DONE, SSE_KEEPALIVE, sse
-from config import Settings
 
 
-class CompletionsServing:
-    def __init__(self, ctx: GenerationContext, settings: Settings, admission: Admission, constraints: Constraints):
-        self.ctx = ctx
-        self.settings = settings
-        self.admission = admission
-        self._keys_on = bool(settings.keys())
-
+class CompletionsServing(Serving):
     def prepare(self, body: CompletionRequest, client: str, request_id: str) -> GenerationRequest:
         self.admission.resolve_model(body.model)
         n = body.n or 1
@@ -44,7 +36,7 @@ class CompletionsServing:
         return GenerationRequest(
             f"cmpl-{uuid.uuid4().hex}", prompts[0], max_tokens, body.sampling_params(), n=n,
             logprobs=body.logprobs, stop_strings=tuple(body.stop_strings), ignore_eos=body.ignore_eos,
-            cache_scope=client if self._keys_on else "", log_id=request_id,
+            cache_scope=self.cache_scope(client), log_id=request_id,
             prompt_text=repr(body.prompt) if self.settings.log_prompts else None,
             more_prompts=tuple(prompts[1:]), prompt_logprobs=scored)
 

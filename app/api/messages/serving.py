@@ -11,16 +11,14 @@ import uuid
 from typing import Iterator, Optional
 
 from app.api.messages.protocol import CountTokensRequest, MessagesRequest
+from app.api.serving import Serving
 from app.errors import APIError, anthropic_body
-from app.generation.admission import Admission
-from app.generation.constraints import Constraints
 from app.generation.events import ChoiceDone, FinishReason, TextDelta
-from app.generation.generation import Choice, Generation, GenerationContext
+from app.generation.generation import Choice, Generation
 from app.generation.request import GenerationRequest
 from app.sse import sse
 from app.text.chat_prompt import render_prompt
 from app.text.tool_parsers import ToolCallDelta
-from config import Settings
 
 # ERROR is no stop reason: it becomes an error response or an `error` event. ABORT (the server
 # drained) is pause_turn: Anthropic's clients continue such a turn by sending it back.
@@ -121,14 +119,7 @@ def _input(arguments: str) -> dict:
     return value if isinstance(value, dict) else {}
 
 
-class MessagesServing:
-    def __init__(self, ctx: GenerationContext, settings: Settings, admission: Admission, constraints: Constraints):
-        self.ctx = ctx
-        self.settings = settings
-        self.admission = admission
-        self.constraints = constraints
-        self._keys_on = bool(settings.keys())  # then a client is a key id, and scopes the prefix cache
-
+class MessagesServing(Serving):
     def count_tokens(self, body: CountTokensRequest) -> dict:
         self.admission.resolve_model(body.model)
         return {"input_tokens": len(render_prompt(self.ctx.text, body.chat_messages(), body.tool_definitions()))}
@@ -147,7 +138,7 @@ class MessagesServing:
         return GenerationRequest(
             f"msg_{uuid.uuid4().hex}", prompt, max_tokens, body.sampling_params(), grammar=plan.grammar,
             stop_strings=tuple(body.stop_sequences or ()), tool_parser=plan.parser, parallel_tool_calls=plan.parallel,
-            cache_scope=client if self._keys_on else "", log_id=request_id,
+            cache_scope=self.cache_scope(client), log_id=request_id,
             prompt_text=repr(messages) if self.settings.log_prompts else None)
 
     def complete(self, request: GenerationRequest, model: str, environ: dict) -> dict:

@@ -15,6 +15,7 @@ from typing import Iterator, Optional
 from app.api.responses.protocol import (NamedFunction, ResponsesRequest, input_messages, output_messages,
                                         tool_definitions)
 from app.api.responses.store import ResponseStore
+from app.api.serving import Serving
 from app.errors import APIError
 from app.generation.admission import Admission
 from app.generation.constraints import Constraints
@@ -41,16 +42,12 @@ class Prepared:
     namespaced: dict = field(default_factory=dict)  # ResponsesRequest.namespaced(): how calls go out
 
 
-class ResponsesServing:
+class ResponsesServing(Serving):
     def __init__(self, ctx: GenerationContext, settings: Settings, admission: Admission, constraints: Constraints,
                  store: Optional[ResponseStore] = None):
-        self.ctx = ctx
-        self.settings = settings
-        self.admission = admission
-        self.constraints = constraints
+        super().__init__(ctx, settings, admission, constraints)
         self.store = store or ResponseStore(settings.responses_store_count, settings.responses_store_bytes,
                                             float(settings.responses_store_ttl))
-        self._keys_on = bool(settings.keys())  # then a client is a key id, and scopes the prefix cache
 
     def prepare(self, body: ResponsesRequest, client: str, request_id: str) -> Prepared:
         """Validate against the model, the store and the server's limits; nothing is queued yet."""
@@ -69,7 +66,7 @@ class ResponsesServing:
         request = GenerationRequest(
             f"resp_{uuid.uuid4().hex}", prompt, max_tokens, body.sampling_params(), grammar=plan.grammar,
             tool_parser=plan.parser, parallel_tool_calls=plan.parallel,
-            cache_scope=client if self._keys_on else "", log_id=request_id,
+            cache_scope=self.cache_scope(client), log_id=request_id,
             prompt_text=repr(system + messages) if self.settings.log_prompts else None)
         store = body.store is not False
         return Prepared(request, _head(request.id, model, body, store), messages, client, store, body.namespaced())

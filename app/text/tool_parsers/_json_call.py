@@ -177,6 +177,22 @@ class JsonToolParser(ToolParser):
         deltas, is_call = self._stream.end()
         return self._report(deltas), is_call
 
+    def _object_step(self, deltas: list[ToolCallDelta]) -> bool:
+        """Feed the buffer to the open call object; once it closes, let the format `_close` it.
+        False when more text is needed."""
+        more, rest = self._feed_stream(self._buf)
+        deltas += more
+        if rest is None:
+            self._buf = ""
+            return False
+        more, is_call = self._end_stream()
+        deltas += more
+        self._close(is_call, rest)
+        return True
+
+    def _close(self, is_call: bool, rest: str) -> None:
+        raise NotImplementedError  # each format decides what follows a call object
+
     def _report(self, deltas: list[ToolCallDelta]) -> list[ToolCallDelta]:
         if self._muted:
             return []

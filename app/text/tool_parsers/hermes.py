@@ -114,17 +114,6 @@ class HermesParser(JsonToolParser):
             self._buf, self._state = self._gap + self._buf, "text"
         return True
 
-    def _object_step(self, deltas: list[ToolCallDelta]) -> bool:
-        more, rest = self._feed_stream(self._buf)
-        deltas += more
-        if rest is None:
-            self._buf = ""
-            return False
-        more, is_call = self._end_stream()
-        deltas += more
-        self._close(is_call, rest)
-        return True
-
     def _close(self, is_call: bool, rest: str) -> None:
         if is_call:
             self._content.markup()

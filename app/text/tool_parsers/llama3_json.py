@@ -104,17 +104,6 @@ class Llama3JsonParser(JsonToolParser):
             self._pending, self._buf, self._state = "", text, "tail"
         return True
 
-    def _object_step(self, deltas: list[ToolCallDelta]) -> bool:
-        more, rest = self._feed_stream(self._buf)
-        deltas += more
-        if rest is None:
-            self._buf = ""
-            return False
-        more, is_call = self._end_stream()
-        deltas += more
-        self._close(is_call, rest)
-        return True
-
     def _close(self, is_call: bool, rest: str) -> None:
         if is_call:
             self._content.markup()

@@ -15,6 +15,7 @@ import openai
 import pytest
 import requests
 
+from tests.conftest import assert_never_blocked
 from tests.server import ServerProcess
 
 
@@ -163,21 +164,24 @@ def test_a_burst_of_200_gets_only_successes_and_designed_refusals(small):
     wait_idle(small, 10)
 
 
-def test_a_request_queued_past_queue_timeout_is_refused(tiny_server_factory):
-    server = tiny_server_factory(MAX_CONCURRENT_REQUESTS="1", QUEUE_TIMEOUT="1")
+def test_a_request_queued_past_queue_timeout_is_refused(long_context_model_dir, tmp_path_factory):
+    """The only slot is held ~4 s (the 32k-context tiny model decodes ~1,000 tokens/s; the
+    1k-context one could free it within QUEUE_TIMEOUT), so a request behind it waits past 1 s."""
+    server = ServerProcess({"MODEL": str(long_context_model_dir), "MODEL_ID": "tiny", "MAX_CONCURRENT_REQUESTS": "1",
+                            "QUEUE_TIMEOUT": "1"}, tmp_path_factory.mktemp("queue-timeout") / "server.log").start()
     url = server.base_url + "/v1/chat/completions"
-    with cf.ThreadPoolExecutor(3) as pool:
-        # Two long requests ahead of it (the tiny model decodes ~1,000 tokens/s: one alone may
-        # free the only slot within QUEUE_TIMEOUT).
-        long = pool.submit(requests.post, url, json=body(max_tokens=960, ignore_eos=True))
-        time.sleep(0.05)
-        pool.submit(requests.post, url, json=body(max_tokens=960, ignore_eos=True))
-        time.sleep(0.25)
-        start = time.monotonic()
-        waited = requests.post(url, json=body())
-        assert waited.status_code == 503 and waited.json()["error"]["type"] == "server_is_overloaded"
-        assert 1 <= time.monotonic() - start < 5 and "Retry-After" in waited.headers
-        assert long.result().status_code == 200
+    try:
+        with cf.ThreadPoolExecutor(1) as pool:
+            long = pool.submit(requests.post, url, json=body(max_tokens=4000, ignore_eos=True))
+            time.sleep(0.3)
+            start = time.monotonic()
+            waited = requests.post(url, json=body())
+            assert waited.status_code == 503 and waited.json()["error"]["type"] == "server_is_overloaded"
+            assert 1 <= time.monotonic() - start < 3 and "Retry-After" in waited.headers
+            assert long.result().status_code == 200
+    finally:
+        assert_never_blocked(server)
+        server.stop()
 
 
 # ---- clients that hang up ---------------------------------------------------------------

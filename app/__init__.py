@@ -16,13 +16,14 @@ def create_app(settings: Optional[Settings] = None, engine=None) -> Flask:
     app.json.sort_keys = False
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
 
-    from app import auth, errors, request_log
+    from app import auth, errors, host_guard, request_log
     from app.console import console
     from app.routes import api
 
     request_log.configure_logging(settings.log_level)
     errors.install(app)
     request_log.install(app)
+    host_guard.install(app, keys_on=bool(settings.keys()), extra=settings.hosts())
     auth.install(app, auth.KeyRing(settings.keys()), metrics_open=not settings.metrics_require_key)
     app.register_blueprint(api)
     for blueprint in _api_blueprints():

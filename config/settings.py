@@ -57,6 +57,8 @@ class Settings:
     log_level: str = _spec("LOG_LEVEL", "logging level", choices=("debug", "info", "warning", "error"))
     allow_public_bind: bool = _spec("ALLOW_PUBLIC_BIND", "allow a non-loopback HOST without API keys")
     api_keys: str = _spec("API_KEYS", "comma-separated bearer keys; empty: no authentication")
+    allowed_hosts: str = _spec("ALLOWED_HOSTS", "without API keys: Host names accepted besides localhost, "
+                                                "127.0.0.1 and [::1] (comma-separated; e.g. the name nginx forwards)")
     api_keys_file: str = _spec("API_KEYS_FILE", "file with one key per line (added to API_KEYS)")
     rate_limit: int = _spec("RATE_LIMIT", "requests per minute per key (0: off)", min=0, max=10_000_000)
     token_rate_limit: int = _spec("TOKEN_RATE_LIMIT", "prompt + max_tokens per minute per key (0: off)", min=0, max=10**12)
@@ -98,6 +100,9 @@ class Settings:
 
     def aliases(self) -> tuple[str, ...]:
         return tuple(a.strip() for a in self.model_aliases.split(",") if a.strip())
+
+    def hosts(self) -> tuple[str, ...]:
+        return tuple(h.strip().lower() for h in self.allowed_hosts.split(",") if h.strip())
 
     def keys(self) -> tuple[str, ...]:
         """API keys from API_KEYS and API_KEYS_FILE (blank lines and # comments ignored)."""
@@ -147,6 +152,7 @@ DEFAULTS: dict[str, str] = {
     "LOG_LEVEL": "info",
     "ALLOW_PUBLIC_BIND": "false",
     "API_KEYS": "",
+    "ALLOWED_HOSTS": "",
     "API_KEYS_FILE": "",
     "RATE_LIMIT": "0",
     "TOKEN_RATE_LIMIT": "0",

@@ -133,7 +133,7 @@ def test_json_schema_answers_validate_every_time_at_temperature_one(client, stre
     reply = ask(client, stream, model=MODEL, messages=[{"role": "user", "content": "Invent a club member."}],
                 response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON,
                                                                         "strict": True}},
-                temperature=1.0, n=10, max_tokens=80)
+                temperature=1.0, n=10, max_tokens=120)
     assert len(reply["choices"]) == 10
     for choice in reply["choices"]:
         assert choice["finish_reason"] == "stop"

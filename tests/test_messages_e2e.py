@@ -185,7 +185,7 @@ def test_a_prompt_beyond_the_context_is_still_a_400(tiny_client):
 @pytest.mark.parametrize("stream", BOTH)
 def test_any_tool_choice_gives_valid_tool_use_every_time_at_temperature_one(client, stream):
     def one(_):
-        return ask(client, stream, max_tokens=60, messages=ASK_WEATHER, tools=[WEATHER, TIME],
+        return ask(client, stream, max_tokens=150, messages=ASK_WEATHER, tools=[WEATHER, TIME],
                    tool_choice={"type": "any", "disable_parallel_tool_use": True}, extra_body={"temperature": 1.0})
 
     with ThreadPoolExecutor(4) as pool:  # batched together: four answers for the price of one

@@ -305,7 +305,7 @@ def test_the_stream_helper_builds_the_final_response(client):
 # -- structured output ------------------------------------------------------------------------------
 @pytest.mark.parametrize("stream", BOTH)
 def test_a_json_schema_format_gives_valid_json(client, stream):
-    reply = ask(client, stream, model=MODEL, input="Invent a club member.", temperature=1.0, max_output_tokens=40,
+    reply = ask(client, stream, model=MODEL, input="Invent a club member.", temperature=1.0, max_output_tokens=120,
                 text={"format": {"type": "json_schema", "name": "person", "schema": PERSON, "strict": True}})
     assert reply["status"] == "completed"
     person = json.loads(text_of(reply))

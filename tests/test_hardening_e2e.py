@@ -113,7 +113,7 @@ def small(tiny_server_factory):
 def send_raw(port: int, payload: dict) -> socket.socket:
     data = json.dumps(payload).encode()
     s = socket.create_connection(("127.0.0.1", port))
-    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
               b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(data), data))
     return s
 

@@ -23,7 +23,7 @@ def create_app(settings: Optional[Settings] = None, engine=None) -> Flask:
     request_log.configure_logging(settings.log_level)
     errors.install(app)
     request_log.install(app)
-    host_guard.install(app, keys_on=bool(settings.keys()), extra=settings.hosts())
+    host_guard.install(app, keys_on=bool(settings.keys()), extra=host_guard.accepted_names(settings))
     auth.install(app, auth.KeyRing(settings.keys()), metrics_open=not settings.metrics_require_key)
     app.register_blueprint(api)
     for blueprint in _api_blueprints():

@@ -28,6 +28,14 @@ def allowed(host_header: str, extra: tuple[str, ...]) -> bool:
                                                        and name.replace(".", "").isdigit())
 
 
+def accepted_names(settings) -> tuple[str, ...]:
+    """ALLOWED_HOSTS, plus the address the server binds to (an IP literal is never a rebound name:
+    the watchdog scripts probe /health at HOST)."""
+    bind = host_name(settings.host)
+    wildcard = bind in ("", "0.0.0.0", "::")
+    return settings.hosts() + (() if wildcard else (bind,))
+
+
 def install(app: Flask, keys_on: bool, extra: tuple[str, ...]) -> None:
     if keys_on:
         return

@@ -19,3 +19,14 @@ def test_host_names_drop_the_port_and_brackets(header, name):
 ])
 def test_only_loopback_names_and_listed_hosts_are_allowed(header, extra, ok):
     assert allowed(header, extra) is ok
+
+
+def test_the_bind_address_is_accepted_but_not_a_wildcard():
+    from types import SimpleNamespace
+
+    from app.host_guard import accepted_names
+
+    assert accepted_names(SimpleNamespace(host="192.168.1.5", hosts=lambda: ("orchard.lan",))) == (
+        "orchard.lan", "192.168.1.5")
+    assert accepted_names(SimpleNamespace(host="0.0.0.0", hosts=lambda: ())) == ()
+    assert accepted_names(SimpleNamespace(host="::", hosts=lambda: ())) == ()

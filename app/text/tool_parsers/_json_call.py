@@ -164,6 +164,16 @@ class JsonToolParser(ToolParser):
         self._muted = False  # parallel=False and a call was already reported: parse, report nothing
         self._recorded = False  # the current stream's call is in self._calls
 
+    def feed(self, text: str) -> tuple[str, list[ToolCallDelta]]:
+        out: list[str] = []
+        deltas: list[ToolCallDelta] = []
+        self._buf += text
+        self._drain(out, deltas, final=False)
+        return "".join(out), deltas
+
+    def _drain(self, out: list[str], deltas: list[ToolCallDelta], final: bool) -> None:
+        raise NotImplementedError  # each format's state machine over self._buf
+
     def _open_stream(self) -> None:
         self._stream = CallStream(len(self._calls))
         self._muted = not self.parallel and bool(self._calls)

@@ -58,13 +58,6 @@ class HermesParser(JsonToolParser):
         self._state = "text"  # text | block (just after <tool_call>) | object
         self._gap = ""  # whitespace after <tool_call>: read again as text if no call follows
 
-    def feed(self, text: str) -> tuple[str, list[ToolCallDelta]]:
-        out: list[str] = []
-        deltas: list[ToolCallDelta] = []
-        self._buf += text
-        self._drain(out, deltas, final=False)
-        return "".join(out), deltas
-
     def finish(self) -> tuple[str, list[ToolCallDelta]]:
         out: list[str] = []
         deltas: list[ToolCallDelta] = []

@@ -40,13 +40,6 @@ class Llama3JsonParser(JsonToolParser):
         self._pending = ""  # whitespace/separator before the current object: content if it fails
         self._need_sep = False  # between: the next object needs a ";" (after an object, not after the tag)
 
-    def feed(self, text: str) -> tuple[str, list[ToolCallDelta]]:
-        out: list[str] = []
-        deltas: list[ToolCallDelta] = []
-        self._buf += text
-        self._drain(out, deltas, final=False)
-        return "".join(out), deltas
-
     def finish(self) -> tuple[str, list[ToolCallDelta]]:
         out: list[str] = []
         deltas: list[ToolCallDelta] = []

@@ -1,6 +1,7 @@
 """A real Orchard server for tests: Gunicorn as a subprocess on a free loopback port."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -70,6 +71,19 @@ class ServerProcess:
 
     def full_log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def access_entries(self) -> list[dict]:
+        """The server's JSON access-log entries, in order. Each is read from its first brace:
+        stdout and stderr share one file, so a buffered write of other output can end up in
+        front of an entry on the same line."""
+        entries = []
+        for line in self.full_log().splitlines():
+            if '"orchard.access"' in line and "{" in line:
+                try:
+                    entries.append(json.loads(line[line.index("{"):]))
+                except ValueError:
+                    continue
+        return entries
 
     def loop_blocks(self) -> list[str]:
         """gevent monitor reports of a blocked event loop since the server became ready.

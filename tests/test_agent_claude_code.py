@@ -41,13 +41,7 @@ def server(terse_long_context_model_dir, tmp_path_factory):
 
 def messages_statuses(server: ServerProcess) -> list[int]:
     """HTTP statuses of the server's /v1/messages answers, from its access log."""
-    statuses = []
-    for line in server.full_log().splitlines():
-        if line.startswith("{") and '"orchard.access"' in line:
-            entry = json.loads(line)
-            if entry.get("route") == "/v1/messages":
-                statuses.append(entry["status"])
-    return statuses
+    return [e["status"] for e in server.access_entries() if e.get("route") == "/v1/messages"]
 
 
 def test_claude_code_completes_a_one_shot_task(server, tmp_path):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 
 import pytest
 
@@ -42,10 +43,21 @@ def server(terse_long_context_model_dir, tmp_path_factory):
 
 def access_log(server: ServerProcess, message: str) -> list[dict]:
     """The server's /v1/responses access-log entries of one kind ("request" or "completion")."""
-    entries = [json.loads(line) for line in server.full_log().splitlines()
-               if line.startswith("{") and '"orchard.access"' in line]
+    entries = server.access_entries()
     ids = {e["request_id"] for e in entries if e.get("route") == "/v1/responses"}
     return [e for e in entries if e["message"] == message and e["request_id"] in ids]
+
+
+def settled_access_log(server: ServerProcess, message: str, timeout: float = 10.0) -> list[dict]:
+    """access_log once every logged request has its completion logged too (a completion is logged
+    as the stream ends, which may be just after the client has read its last event and exited)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        requests, completions = access_log(server, "request"), access_log(server, "completion")
+        if requests and len(completions) >= len(requests):
+            break
+        time.sleep(0.1)
+    return access_log(server, message)
 
 
 @pytest.fixture
@@ -78,7 +90,9 @@ env_key = "ORCHARD_API_KEY"
         done = subprocess.run([binary, "exec", "--sandbox", "read-only", "--color", "never", *args,
                                "--skip-git-repo-check", *extra, "-o", str(last)],
                               cwd=work, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=170)
-        assert done.returncode == 0, f"stdout: {done.stdout[-2000:]}\nstderr: {done.stderr[-3000:]}\n{server.log()}"
+        report = f"stdout: {done.stdout[-2000:]}\nstderr: {done.stderr[-3000:]}\n{server.log()}"
+        assert done.returncode == 0, report
+        run.report = report  # for a later assertion's message
         return json.loads(last.read_text()) if structured else last.read_text()
 
     return run
@@ -86,18 +100,18 @@ env_key = "ORCHARD_API_KEY"
 
 def test_codex_exec_completes_a_plain_one_shot_task(server, codex):
     codex("--ephemeral", "Say hello", structured=False)
-    statuses = [e["status"] for e in access_log(server, "request")]
-    assert statuses and all(s == 200 for s in statuses), statuses
-    done = access_log(server, "completion")
+    statuses = [e["status"] for e in settled_access_log(server, "request")]
+    assert statuses and all(s == 200 for s in statuses), f"{statuses}\n{codex.report}"
+    done = settled_access_log(server, "completion")
     assert done and done[-1]["finish_reason"] == "stop" and done[-1]["prompt_tokens"] > 8000, done
 
 
 def test_codex_exec_completes_a_structured_one_shot_task(server, codex):
     answer = codex("--ephemeral", "Say hello")
     assert set(answer) == {"greeting"}  # the answer, in the schema's shape
-    statuses = [e["status"] for e in access_log(server, "request")]
-    assert statuses and all(s == 200 for s in statuses), statuses
-    done = access_log(server, "completion")
+    statuses = [e["status"] for e in settled_access_log(server, "request")]
+    assert statuses and all(s == 200 for s in statuses), f"{statuses}\n{codex.report}"
+    done = settled_access_log(server, "completion")
     assert done and all(e["finish_reason"] == "stop" for e in done), done
     assert done[-1]["prompt_tokens"] > 8000  # the agent's whole request, tools and all
 
@@ -106,9 +120,9 @@ def test_codex_exec_resume_replays_the_first_turn(server, codex):
     """store is false: the second turn sends the first turn's items back as input (Codex's stateless
     loop). They render as the first turn's prompt and answer did, so the prefix cache serves them."""
     codex("Say hello")
-    before = len(access_log(server, "completion"))
+    before = len(settled_access_log(server, "completion"))
     codex("resume", "--last", "Say it again")
-    statuses = [e["status"] for e in access_log(server, "request")]
-    assert all(s == 200 for s in statuses), statuses
-    first, second = access_log(server, "completion")[before - 1:]
+    statuses = [e["status"] for e in settled_access_log(server, "request")]
+    assert all(s == 200 for s in statuses), f"{statuses}\n{codex.report}"
+    first, second = settled_access_log(server, "completion")[before - 1:]
     assert second["prompt_tokens"] > first["prompt_tokens"] and second["cached_tokens"] >= first["prompt_tokens"] - 64

@@ -65,6 +65,8 @@ class Settings:
     queue_timeout: int = _spec("QUEUE_TIMEOUT", "seconds a request may wait for a batch slot", min=1, max=3600)
     drain_timeout: int = _spec("DRAIN_TIMEOUT", "seconds in-flight requests get to finish after SIGTERM", min=0, max=3600)
     kv_cache_budget: str = _spec("KV_CACHE_BUDGET", "bytes of KV cache admitted requests may reserve: 'auto' or e.g. 2GiB")
+    memory_budget: str = _spec("MEMORY_BUDGET", "with a models file: bytes every loaded model's weights, KV and prefix "
+                                                "caches share ('auto': what is free at start, less a margin; e.g. 48GiB)")
     prefix_cache_bytes: str = _spec("PREFIX_CACHE_BYTES", "KV cache kept from finished requests for reuse by prompts that share a prefix: 'auto' (what the KV budget leaves free), 0 (off) or a size cap")
     max_body_bytes: int = _spec("MAX_BODY_BYTES", "largest request body", min=1024, max=1 << 30)
     metrics_require_key: bool = _spec("METRICS_REQUIRE_KEY", "whether /metrics needs the API key")
@@ -90,6 +92,13 @@ class Settings:
         if self.kv_cache_budget == "auto":
             return None
         return parse_size("KV_CACHE_BUDGET", self.kv_cache_budget)
+
+    @property
+    def memory_budget_bytes(self) -> int | None:
+        """None means 'auto': pinned models' weights plus the KV share of what is free then."""
+        if self.memory_budget == "auto":
+            return None
+        return parse_size("MEMORY_BUDGET", self.memory_budget)
 
     @property
     def prefix_cache_cap(self) -> int | None:
@@ -128,6 +137,7 @@ DEFAULTS: dict[str, str] = {
     "PORT": "8001",
     "MODEL": "embedded",
     "MODEL_ID": "",
+    "MEMORY_BUDGET": "auto",
     "MODEL_DTYPE": "auto",
     "LOAD_FORMAT": "weights",
     "ORCHARD_HOME": "~/.cache/orchard",
@@ -230,7 +240,7 @@ def _check_consistency(s: Settings) -> None:
                             f"so requests end cleanly before Gunicorn kills the worker")
     if s.tool_parser not in ("auto", "hermes", "llama3_json"):
         raise SettingsError(f"TOOL_PARSER={s.tool_parser!r} must be auto, hermes or llama3_json")
-    s.kv_budget_bytes, s.prefix_cache_cap  # validates the sizes
+    s.kv_budget_bytes, s.prefix_cache_cap, s.memory_budget_bytes  # validates the sizes
     keys = s.keys()
     if not keys and not s.is_loopback and not s.allow_public_bind:
         raise SettingsError(f"HOST={s.host} is not a loopback address and API_KEYS is empty: anyone on the "

@@ -1,15 +1,14 @@
-"""The engine: one native OS thread that owns MLX, the model and the batch.
+"""One model's engine: its batch, scheduler, prefix cache and prompt scorer.
 
-Gunicorn's gevent worker monkey-patches `threading`, so a plain Thread would be
-a greenlet and MLX work would block the event loop. The engine thread is started
-with the original `_thread.start_new_thread`, receives work through a C-level
-SimpleQueue (a real OS-thread queue, unpatched), and sends results back through
-the OutputBridge. Its loop: drain the inbox, admit, step once, publish; it
-blocks only when there is no work.
+Every model engine runs on the one engine host thread (engine/host.py), which owns MLX and
+gives each model with work one turn per loop. The web side talks to an Engine through its
+public methods (submit, abort, stats...), which only queue messages for the host thread.
+A model's weights may be unloaded and loaded again (the host decides, within one memory
+budget); its text side (tokenizer, limits, detokenizer table) stays, so requests for an
+unloaded model are validated and queued like any other while it loads.
 """
 from __future__ import annotations
 
-import _queue
 import enum
 import logging
 import time
@@ -17,22 +16,19 @@ import traceback
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from gevent import monkey
-
-from engine.bridge import OutputBridge, RequestStream
+from engine.bridge import RequestStream
 from engine.messages import (AbortAll, AbortRequest, AddGroup, AddRequest, Admitted, Finished, InjectFault,
-                             PromptLogprobs, Shutdown, TokenDelta)
+                             PromptLogprobs, TokenDelta, UnloadModel)
 from engine.model import LoadedModel
 from engine.scheduler import Scheduler, Sequence
 
 log = logging.getLogger("orchard.engine")
-_start_native_thread = monkey.get_original("_thread", "start_new_thread")
-_IDLE_WAKE_S = 1.0  # idle heartbeat, so liveness checks see a beating loop
 
 
 class EngineState(str, enum.Enum):
-    LOADING = "loading"
-    READY = "ready"
+    LOADING = "loading"  # the text side, or the weights, are being loaded
+    READY = "ready"  # weights loaded: serving
+    UNLOADED = "unloaded"  # text side only: requests queue and the host loads the weights
     FAILED = "failed"
     STOPPED = "stopped"
 
@@ -57,46 +53,56 @@ class EngineStats:
     mlx_peak_bytes: int = 0
     mlx_cache_bytes: int = 0
     last_beat: float = 0.0
+    loads: int = 0
+    unloads: int = 0
 
 
 class Engine:
-    """Public face used by the web layer; safe to call from request greenlets."""
+    """One model. Web side: safe to call from request greenlets. Engine side: host thread only."""
 
-    def __init__(self, loader: Callable[[], LoadedModel], *, max_running: int,
+    def __init__(self, loader: Callable[[bool], LoadedModel], *, max_running: int,
                  generator_factory: Callable[[LoadedModel, int], object],
                  preload: Optional[Callable[[], None]] = None, kv_budget: Optional[int] = None,
-                 admission_group: int = 1, admission_wait_steps: int = 0):
-        self._loader = loader
+                 admission_group: int = 1, admission_wait_steps: int = 0, model_id: str = "",
+                 pinned: bool = True, weight_estimate: int = 0):
+        self._loader = loader  # loader(with_weights) -> LoadedModel
         self._preload = preload
         self._kv_budget_setting = kv_budget
         self._generator_factory = generator_factory
-        self._inbox = _queue.SimpleQueue()
+        self._host = None
         self._scheduler = Scheduler(max_running=max_running, group_size=admission_group,
                                     max_wait_steps=admission_wait_steps)
-        self._bridge: Optional[OutputBridge] = None
         self._generator = None
         self._scorer = None  # engine.prompt_scorer.PromptScorer once the model is loaded
+        self._to_score: list[AddRequest] = []  # prompt-logprob requests that arrived while unloaded
+        self.model_id = model_id
+        self.pinned = pinned
+        self.weight_bytes = weight_estimate  # measured once loaded
+        self.last_turn = 0  # the host's turn count when this model last had work (LRU eviction)
         self.model: Optional[LoadedModel] = None
         self.state = EngineState.LOADING
         self.error: Optional[str] = None
-        self.blas = "not loaded yet"
         self.stats = EngineStats()
+
+    def attach(self, host) -> None:
+        self._host = host
 
     # ---- web side -------------------------------------------------------
     def start(self) -> None:
-        """Start the engine thread. Call from the thread that runs the gevent hub."""
-        self._bridge = OutputBridge()
-        if self._preload is not None:
-            # Import MLX and mlx-lm here, not on the engine thread: some imports spawn
-            # subprocesses, and gevent's patched subprocess only works on the main loop.
-            try:
-                self._preload()
-            except Exception as exc:  # e.g. a missing model file: report it through /health
-                self.error = f"model preparation failed: {exc}"
-                self.state = EngineState.FAILED
-                log.error(self.error)
-                return
-        _start_native_thread(self._run, ())
+        """A model served alone: start a host of its own (call from the gevent hub's thread)."""
+        if self._host is None:
+            from engine.host import EngineHost
+
+            EngineHost([self], memory_budget=None)
+        self._host.start()
+
+    @property
+    def blas(self) -> str:
+        return self._host.blas if self._host is not None else "not loaded yet"
+
+    @property
+    def _bridge(self):
+        return self._host.bridge
 
     def submit(self, request: AddRequest, ready=None) -> RequestStream:
         """Queue a request; `ready` (a gevent Event) may be shared by several streams."""
@@ -105,8 +111,8 @@ class Engine:
     def submit_group(self, requests: list[AddRequest], ready=None) -> list[RequestStream]:
         """Queue requests that belong together (one message: admitted together, one prefill)."""
         streams = [self._bridge.open(r.request_id, ready) for r in requests]
-        self._inbox.put(requests[0] if len(requests) == 1 else AddGroup(tuple(requests)))
-        if self.state in (EngineState.FAILED, EngineState.STOPPED):
+        self._host.post(self, requests[0] if len(requests) == 1 else AddGroup(tuple(requests)))
+        if self.state in (EngineState.FAILED, EngineState.STOPPED) or not self._host.alive:
             # The loop is gone (it sets its state before it empties the inbox one last time),
             # so nothing would ever answer: end the requests here. A duplicate end is dropped.
             why = self.error or "the engine has stopped"
@@ -114,16 +120,19 @@ class Engine:
         return streams
 
     def abort(self, request_id: str, reason: str = "abort") -> None:
-        self._inbox.put(AbortRequest(request_id, reason))
+        self._host.post(self, AbortRequest(request_id, reason))
 
     def abort_all(self, reason: str = "abort") -> None:
-        self._inbox.put(AbortAll(reason))
+        self._host.post(self, AbortAll(reason))
+
+    def unload_if_idle(self) -> None:
+        self._host.post(self, UnloadModel())
 
     def shutdown(self) -> None:
-        self._inbox.put(Shutdown())
+        self._host.shutdown()
 
     def inject_fault(self, kind: str) -> None:
-        self._inbox.put(InjectFault(kind))
+        self._host.post(self, InjectFault(kind))
 
     @property
     def kv_budget(self) -> Optional[int]:
@@ -154,92 +163,187 @@ class Engine:
 
     @property
     def waiting(self) -> int:
-        return len(self._scheduler.waiting) + self._inbox.qsize()
+        queued = self._host.inbox.qsize() if self._host is not None and len(self._host.engines) == 1 else 0
+        return len(self._scheduler.waiting) + (len(self._scorer) if self._scorer is not None else 0) + queued
 
-    # ---- engine thread ----------------------------------------------------
-    def _run(self) -> None:
+    @property
+    def text_ready(self) -> bool:
+        """The tokenizer and limits are known: requests can be validated and queued."""
+        return self.model is not None and self.state in (EngineState.READY, EngineState.UNLOADED, EngineState.LOADING)
+
+    # ---- host thread: the host's view of this model -----------------------
+    def preload(self) -> None:
+        """Imports and model preparation, on the hub's thread before the host thread starts."""
+        if self._preload is None:
+            return
         try:
-            model = self._loader()
+            self._preload()
+        except Exception as exc:  # e.g. a missing model file: report it through /health
+            self.error = f"model preparation failed: {exc}"
+            self.state = EngineState.FAILED
+            log.error(self.error)
+
+    def open(self, with_weights: bool) -> None:
+        """The text side always; the weights when asked (pinned models load at start)."""
+        if self.state is EngineState.FAILED:
+            return
+        try:
+            model = self._loader(with_weights)
             model.build_text_tables()
             self.model = model
-            self._configure_memory()
-            self._generator = self._generator_factory(self.model, self._scheduler.max_running)
-            if hasattr(self._generator, "keep_prefix"):  # a real model (not the synthetic generator)
-                from engine.prompt_scorer import PromptScorer
-
-                self._scorer = PromptScorer(self.model.model)
-            self._sample_memory()
-            self.state = EngineState.READY
-            log.info("engine ready: %s", self.model.model_id)
+            self._configure_kv(model)
+            if with_weights:
+                self._start_serving(model)
+            else:
+                self.state = EngineState.UNLOADED
+                log.info("model %s ready to load on demand (%.1f MiB of weights)", self.model_id or model.model_id,
+                         self.weight_bytes / 2**20)
         except BaseException as exc:  # a failed load must reach /health, not vanish
             self.error = f"model load failed: {exc}"
             self.state = EngineState.FAILED
             log.error("%s\n%s", self.error, traceback.format_exc())
-            return
-        try:
-            while self._drain_inbox(block=not (self._scheduler.has_work or self._scoring)):
-                self._admit()
-                if self._scheduler.running:
-                    self._step()
-                if self._scoring:
-                    self._score()
-            self.state = EngineState.STOPPED
-            self._end_inbox("the server is shutting down")
-        except BaseException as exc:
-            self.error = f"engine loop died: {exc!r}"
-            self.state = EngineState.FAILED
-            log.critical("%s\n%s", self.error, traceback.format_exc())
-            self._fail_all(self.error)
-            self._end_inbox(self.error)
 
-    def _configure_memory(self) -> None:
+    def _configure_kv(self, model: LoadedModel) -> None:
         from engine import memory
 
-        self._scheduler.kv_bytes_per_token = memory.kv_bytes_per_token(
-            self.model.config, memory.activation_bytes(self.model.dtype))
-        budget = self._kv_budget_setting or memory.auto_budget(self.model.weight_bytes)
-        memory.apply_mlx_limits(self.model.weight_bytes, budget)
-        self._scheduler.kv_budget = budget
+        if model.config.get("num_hidden_layers") or model.config.get("text_config"):
+            self._scheduler.kv_bytes_per_token = memory.kv_bytes_per_token(
+                model.config, memory.activation_bytes(model.dtype or _config_dtype(model.config)))
+        if model.weight_bytes:
+            self.weight_bytes = model.weight_bytes
+        if self._kv_budget_setting is not None and self._host is not None and self._host.memory_budget is None \
+                and len(self._host.engines) == 1 and model.weight_bytes:
+            self._host.memory_budget = model.weight_bytes + self._kv_budget_setting  # KV_CACHE_BUDGET, one model
 
-    def _drain_inbox(self, block: bool) -> bool:
-        """Apply every queued message; False once Shutdown arrives."""
-        while True:
-            try:
-                message = self._inbox.get(timeout=_IDLE_WAKE_S) if block else self._inbox.get_nowait()
-            except _queue.Empty:
-                if not block:  # the usual case between steps: nothing to do here
-                    return True
-                self.stats.last_beat = time.monotonic()  # idle heartbeat
-                self._sample_memory()
-                continue
-            block = False
-            if isinstance(message, AddRequest):
-                self._accept(message)
-            elif isinstance(message, AddGroup):
-                for request in message.requests:
-                    self._accept(request)
-            elif isinstance(message, AbortRequest):
-                self._abort(message)
-            elif isinstance(message, AbortAll):
-                self._fail_all("the server is shutting down", finish_reason=message.reason)
-            elif isinstance(message, Shutdown):
-                self._fail_all("the server is shutting down", finish_reason="abort")
-                return False
-            elif isinstance(message, InjectFault):
-                self._inject(message.kind)
+    def _start_serving(self, model: LoadedModel) -> None:
+        self._generator = self._generator_factory(model, self._scheduler.max_running)
+        if hasattr(self._generator, "keep_prefix"):  # a real model (not the synthetic generator)
+            from engine.prompt_scorer import PromptScorer
+
+            self._scorer = PromptScorer(model.model)
+            for request in self._to_score:
+                self._scorer.add(request)
+        self._to_score.clear()
+        self.sample_memory()
+        self.state = EngineState.READY
+        log.info("engine ready: %s", model.model_id)
+
+    def load_weights(self) -> None:
+        """Load this model's weights now (the host made room in the budget)."""
+        self.state = EngineState.LOADING
+        self.stats.last_beat = time.monotonic()
+        try:
+            loaded = self._loader(True)
+        except Exception as exc:  # its queued requests fail; the model stays loadable
+            log.error("loading %s failed: %s", self.model_id, exc)
+            self.state = EngineState.UNLOADED
+            self.fail_all(f"loading the model failed: {exc}")
+            return
+        self.model.model, self.model.weight_bytes, self.model.dtype = loaded.model, loaded.weight_bytes, loaded.dtype
+        self._configure_kv(self.model)
+        self.stats.loads += 1
+        self._start_serving(self.model)
+
+    def unload(self) -> None:
+        """Drop the weights, the batch and the prefix cache (the model must be idle)."""
+        self._generator = None
+        self._scorer = None
+        self.model.model = None
+        self.state = EngineState.UNLOADED
+        self.stats.unloads += 1
+        self.stats.kv_cache_bytes = 0
+        self._host.unloaded(self)
+        self.sample_memory()
+        log.info("unloaded %s", self.model_id)
+
+    @property
+    def loaded(self) -> bool:
+        return self.state is EngineState.READY
+
+    @property
+    def holds_memory(self) -> bool:
+        return self.state in (EngineState.READY, EngineState.LOADING) and self.model is not None \
+            and self.model.model is not None
+
+    @property
+    def has_work(self) -> bool:
+        return self._scheduler.has_work or self._scoring
+
+    @property
+    def wants_weights(self) -> bool:
+        return self.state is EngineState.UNLOADED and self.has_work
+
+    @property
+    def evictable(self) -> bool:
+        return not self.pinned and not self.has_work
+
+    @property
+    def reserved_bytes(self) -> int:
+        return self._scheduler.reserved_bytes
+
+    def first_reservation(self) -> int:
+        """KV bytes the oldest waiting request needs once this model loads."""
+        waiting = self._scheduler.waiting
+        return self._scheduler.batch_bytes(1, waiting[0].max_length) if waiting else 0
+
+    def set_kv_room(self, room: int) -> None:
+        self._scheduler.kv_budget = room
+
+    def limit_prefix_cache(self, nbytes: int) -> None:
+        if self._generator is not None and hasattr(self._generator, "limit_prefix_cache"):
+            self._generator.limit_prefix_cache(nbytes)
+
+    def turn(self) -> None:
+        """One turn: admit what fits, one decode step, one chunk of prompt scoring."""
+        self._admit()
+        if self._scheduler.running:
+            self._step()
+        if self._scoring:
+            self._score()
+
+    def apply(self, message) -> None:
+        if isinstance(message, AddRequest):
+            self._accept(message)
+        elif isinstance(message, AddGroup):
+            for request in message.requests:
+                self._accept(request)
+        elif isinstance(message, AbortRequest):
+            self._abort(message)
+        elif isinstance(message, AbortAll):
+            self.fail_all("the server is shutting down", finish_reason=message.reason)
+        elif isinstance(message, UnloadModel):
+            if self.loaded and self.evictable:
+                self.unload()
+        elif isinstance(message, InjectFault):
+            self._inject(message.kind)
+
+    def refuse(self, message, why: str) -> None:
+        requests = message.requests if isinstance(message, AddGroup) else (message,)
+        self._publish([(r.request_id, _gone(why)) for r in requests])
+
+    def stop(self, why: str) -> None:
+        self.state = EngineState.STOPPED
+
+    def die(self, why: str) -> None:
+        self.error = why
+        self.state = EngineState.FAILED
+        self.fail_all(why)
 
     @property
     def _scoring(self) -> bool:
-        return bool(self._scorer is not None and len(self._scorer))
+        return bool(self._to_score or (self._scorer is not None and len(self._scorer)))
 
     def _accept(self, request: AddRequest) -> None:
-        """Requests that want prompt log-probabilities are scored before they queue for a slot."""
+        """Requests that want prompt log-probabilities are scored before they queue for a slot
+        (held until the weights are loaded, when they are not)."""
         if request.prompt_logprobs is None:
             self._scheduler.add(request)
-        elif self._scorer is None:
+        elif self._scorer is not None:
+            self._scorer.add(request)
+        elif self.loaded:  # loaded, yet no scorer: the synthetic generator
             self._publish([(request.request_id, _gone("prompt logprobs need a real model"))])
         else:
-            self._scorer.add(request)
+            self._to_score.append(request)
 
     def _score(self) -> None:
         """One chunk of prompt scoring per loop iteration, beside the batch's step."""
@@ -285,10 +389,8 @@ class Engine:
             self._fit_prefix_cache()
 
     def _fit_prefix_cache(self) -> None:
-        """The prefix cache lives in what running rows' reservations leave of the KV budget; both
-        change only when sequences join or finish, so this runs then, not on every step."""
-        if self._scheduler.kv_budget is not None:
-            self._generator.limit_prefix_cache(self._scheduler.kv_budget - self._scheduler.reserved_bytes)
+        """Reservations changed (rows joined or finished): the host re-shares the budget."""
+        self._host.rebalance()
 
     def _step(self) -> None:
         started = time.perf_counter()  # measured only: no decision depends on it
@@ -326,13 +428,12 @@ class Engine:
         s.generated_tokens += n_tokens
         s.current_batch = n_tokens
         s.max_batch_seen = max(s.max_batch_seen, n_tokens)
-        s.last_beat = time.monotonic()
         s.prefill_seconds, s.decode_seconds = self._generator.phase_seconds
         if s.steps % 16 == 0:  # sizes walk every layer's cache: not on every step
             s.kv_cache_bytes = self._generator.kv_cache_bytes
-            self._sample_memory()
+            self.sample_memory()
 
-    def _sample_memory(self) -> None:
+    def sample_memory(self) -> None:
         import mlx.core as mx  # engine thread: the only MLX caller
 
         s = self.stats
@@ -340,6 +441,11 @@ class Engine:
         s.mlx_cache_bytes = mx.get_cache_memory()
 
     def _abort(self, message: AbortRequest) -> None:
+        held = next((r for r in self._to_score if r.request_id == message.request_id), None)
+        if held is not None:
+            self._to_score.remove(held)
+            self._publish([(held.request_id, Finished(message.reason, len(held.prompt_tokens), 0))])
+            return
         if self._scorer is not None:
             scored = self._scorer.remove(message.request_id)
             if scored is not None:
@@ -382,7 +488,7 @@ class Engine:
         self._generator = self._generator_factory(self.model, self._scheduler.max_running)
         self._publish(failed)
 
-    def _fail_all(self, why: str, finish_reason: str = "error") -> None:
+    def fail_all(self, why: str, finish_reason: str = "error") -> None:
         sequences = list(self._scheduler.running.values()) + list(self._scheduler.waiting)
         if self._generator is not None:
             for uid in list(self._scheduler.running):
@@ -394,29 +500,21 @@ class Engine:
         self._scheduler.waiting.clear()
         ended = [(s.request_id, Finished(finish_reason, len(s.request.prompt_tokens), s.completion_tokens,
                                          error=why)) for s in sequences]
-        if self._scorer is not None:
-            ended += [(r.request_id, Finished(finish_reason, len(r.prompt_tokens), 0, error=why))
-                      for r in self._scorer.drain()]
+        held = self._to_score + (self._scorer.drain() if self._scorer is not None else [])
+        self._to_score = []
+        ended += [(r.request_id, Finished(finish_reason, len(r.prompt_tokens), 0, error=why)) for r in held]
         if ended and self._bridge is not None:
             self._publish(ended)
-
-    def _end_inbox(self, why: str) -> None:
-        """The loop has ended: every request still in the inbox gets its end marker."""
-        ended = []
-        while True:
-            try:
-                message = self._inbox.get_nowait()
-            except _queue.Empty:
-                break
-            if isinstance(message, AddRequest):
-                ended.append((message.request_id, _gone(why)))
-            elif isinstance(message, AddGroup):
-                ended += [(r.request_id, _gone(why)) for r in message.requests]
-        self._publish(ended)
 
     def _publish(self, items: list) -> None:
         if items:
             self._bridge.post(items)
+
+
+def _config_dtype(config: dict) -> str:
+    """The weights' dtype as config.json names it (before they are loaded)."""
+    text = config.get("text_config", config)
+    return str(text.get("torch_dtype") or config.get("torch_dtype") or "float32")
 
 
 def _gone(why: str) -> Finished:

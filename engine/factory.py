@@ -1,7 +1,12 @@
-"""Build the engine from settings: the one place that wires source, loader and generator."""
+"""Build engines from settings: the one place that wires source, loader and generator.
+
+`build_engine` serves one model (MODEL; tests and benchmarks); `build_host` serves every local
+model of the operator's models file on one engine host thread, under one memory budget.
+"""
 from __future__ import annotations
 
 import logging
+from typing import Optional
 
 from config import Settings
 from engine.engine import Engine
@@ -12,28 +17,34 @@ _UNBOUNDED = 1 << 62  # 'auto': the engine trims the prefix cache to what the KV
 
 
 def build_engine(settings: Settings) -> Engine:
+    return model_engine(settings, settings.model, settings.model_id, settings.max_concurrent_requests,
+                        pinned=True, kv_budget=settings.kv_budget_bytes)
+
+
+def build_host(settings: Settings, entries) -> "EngineHost":
+    """One engine per local model entry (config.models_file.ModelEntry), embedding models included."""
+    from engine.host import EngineHost
+
+    engines = []
+    for entry in entries:
+        max_running = entry.max_concurrent or settings.max_concurrent_requests
+        if entry.kind == "embedding":
+            from engine.embedding_engine import EmbeddingEngine
+
+            sources: list = []
+            engines.append(EmbeddingEngine(_loader(settings, entry.source, entry.id, sources),
+                                           preload=_preload(settings, sources, entry.source, entry.id),
+                                           model_id=entry.id, pinned=entry.pinned, pooling=entry.pooling or "last",
+                                           normalize=entry.normalize, max_running=max_running))
+        else:
+            engines.append(model_engine(settings, entry.source, entry.id, max_running, pinned=entry.pinned))
+    return EngineHost(engines, memory_budget=settings.memory_budget_bytes)
+
+
+def model_engine(settings: Settings, source_setting: str, model_id: str, max_running: int, *,
+                 pinned: bool, kv_budget: Optional[int] = None) -> Engine:
     sources = []
-
-    def preload() -> None:
-        """Runs in the worker before it serves: imports, and fetching/importing a local model.
-        (`orchard serve` already did the slow part, so this normally hits the cache.)"""
-        from engine import blas
-        from engine.model_source import resolve
-
-        engine.blas = blas.activate(settings.blas)  # must precede the first `import mlx`
-        import mlx.core  # noqa: F401
-        import mlx_lm.generate  # noqa: F401
-        import mlx_lm.utils  # noqa: F401
-
-        sources.append(resolve(settings.model, settings.cache_dir, dtype_setting=settings.model_dtype,
-                               model_id=settings.model_id))
-
-    def load() -> LoadedModel:
-        from engine.loader import load as load_model
-
-        source = sources[-1]
-        log.info("loading %s from %s", source.model_id, source.location if source.is_local else "the hub")
-        return load_model(source, settings.load_format)
+    engine: Optional[Engine] = None
 
     def make_generator(model: LoadedModel, max_running: int):
         if settings.load_format == "synthetic":
@@ -48,7 +59,51 @@ def build_engine(settings: Settings) -> Engine:
                          prefix_cache_bytes=_UNBOUNDED if settings.prefix_cache_cap is None else settings.prefix_cache_cap,
                          grammar_tokenizer=model.grammar_tokenizer)
 
-    engine = Engine(load, max_running=settings.max_concurrent_requests, generator_factory=make_generator,
-                    preload=preload, kv_budget=settings.kv_budget_bytes,
-                    admission_group=settings.prefill_batch_size, admission_wait_steps=settings.admission_wait_steps)
+    def preload() -> None:
+        _preload(settings, sources, source_setting, model_id)()
+        from engine.loader import weight_file_bytes
+
+        engine.weight_bytes = weight_file_bytes(sources[-1].location)
+
+    engine = Engine(_loader(settings, None, model_id, sources), max_running=max_running,
+                    generator_factory=make_generator, preload=preload, kv_budget=kv_budget,
+                    admission_group=settings.prefill_batch_size, admission_wait_steps=settings.admission_wait_steps,
+                    model_id=model_id, pinned=pinned)
     return engine
+
+
+def _preload(settings: Settings, sources: list, source_setting: Optional[str] = None, model_id: str = ""):
+    def preload() -> None:
+        """Runs in the worker before it serves: imports, and fetching/importing a local model.
+        (`orchard serve` already did the slow part, so this normally hits the cache.)"""
+        from engine import blas
+        from engine.model_source import resolve
+
+        blas.activate(settings.blas)  # must precede the first `import mlx`
+        import mlx.core  # noqa: F401
+        import mlx_lm.generate  # noqa: F401
+        import mlx_lm.utils  # noqa: F401
+
+        if source_setting is not None:
+            sources.append(resolve(source_setting, settings.cache_dir, dtype_setting=settings.model_dtype,
+                                   model_id=model_id))
+
+    return preload
+
+
+def _loader(settings: Settings, source_setting: Optional[str], model_id: str, sources: Optional[list] = None):
+    sources = sources if sources is not None else []
+
+    def load(with_weights: bool) -> LoadedModel:
+        from engine.loader import load as load_model
+        from engine.model_source import resolve
+
+        if not sources:
+            sources.append(resolve(source_setting, settings.cache_dir, dtype_setting=settings.model_dtype,
+                                   model_id=model_id))
+        source = sources[-1]
+        if with_weights:
+            log.info("loading %s from %s", source.model_id, source.location if source.is_local else "the hub")
+        return load_model(source, settings.load_format, with_weights=with_weights)
+
+    return load

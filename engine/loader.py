@@ -14,12 +14,17 @@ from engine.model import LoadedModel, context_length_of
 from engine.model_source import ModelSource
 
 
-def load(source: ModelSource, load_format: str = "weights") -> LoadedModel:
+def load(source: ModelSource, load_format: str = "weights", with_weights: bool = True) -> LoadedModel:
+    """The model; without weights, only its text side (tokenizer, config, limits): a model
+    loaded on demand is validated against while its weights stay on disk."""
     import mlx.core as mx
     from mlx.utils import tree_flatten
     from mlx_lm.utils import load as mlx_load
 
-    if load_format == "dummy":
+    if not with_weights:
+        path = Path(source.location) if source.is_local else _local_copy(source.location)
+        model, tokenizer, config = _load_dummy(path, build=False)
+    elif load_format == "dummy":
         model, tokenizer, config = _load_dummy(Path(source.location))
     elif load_format == "synthetic":  # HTTP-path benchmark: tokenizer and config, no weights
         model, tokenizer, config = _load_dummy(Path(source.location), build=False)
@@ -40,6 +45,18 @@ def load(source: ModelSource, load_format: str = "weights") -> LoadedModel:
         dtype=",".join(sorted(dtypes)),
         created=int(time.time()),
     )
+
+
+def weight_file_bytes(location: str) -> int:
+    """The weights' size on disk: the memory a load will need, known before loading."""
+    path = Path(location)
+    return sum(f.stat().st_size for f in path.glob("*.safetensors")) if path.is_dir() else 0
+
+
+def _local_copy(repo: str) -> Path:
+    from mlx_lm.utils import _download
+
+    return Path(_download(repo))
 
 
 def _load_dummy(path: Path, build: bool = True):

@@ -1,6 +1,7 @@
 """Typed messages that cross the boundary between request greenlets and the engine thread.
 
-Inbox (greenlet -> engine): AddRequest, AddGroup, AbortRequest, AbortAll, Shutdown, InjectFault.
+Inbox (greenlet -> engine): AddRequest, AddGroup, AbortRequest, AbortAll, Shutdown, InjectFault,
+UnloadModel. Each travels with the model engine it is for (engine.host.EngineHost's one inbox).
 Outbox (engine -> greenlet): PromptLogprobs (when asked), Admitted, TokenDelta per step (with logprobs
 when asked), then exactly one Finished.
 Exceptions never cross as raises: they become Finished(error=...).
@@ -55,6 +56,12 @@ class AbortAll:
 @dataclass(frozen=True)
 class Shutdown:
     pass
+
+
+@dataclass(frozen=True)
+class UnloadModel:
+    """Free an idle model's weights and caches (idle_unload_s ran out on the web side's clock);
+    the engine thread checks that it is still idle and not pinned, so a late message is harmless."""
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,196 @@
+"""The engine host: the one native OS thread that owns MLX, and every model engine it runs.
+
+Gunicorn's gevent worker monkey-patches `threading`, so a plain Thread would be a greenlet
+and MLX work would block the event loop. The host thread is started with the original
+`_thread.start_new_thread` and receives work through one C-level SimpleQueue (a real OS-thread
+queue, unpatched) as (engine, message) pairs; results go back through one OutputBridge.
+
+Its loop: drain the inbox; give every model with work one turn (admit, one step, one chunk of
+prompt scoring), in a fixed order, so a busy small model cannot starve a big one; then load a
+model that has requests waiting when the memory budget allows, evicting idle unpinned models
+(least recently used) to make room. Every decision here is made from the host's own state
+(counters, reservations, sizes), never from a clock, so the same loop can run on every rank
+of a distributed group.
+"""
+from __future__ import annotations
+
+import _queue
+import gc
+import logging
+import time
+import traceback
+from typing import Optional
+
+from gevent import monkey
+
+from engine.bridge import OutputBridge
+from engine.messages import AddGroup, AddRequest, Shutdown
+
+log = logging.getLogger("orchard.engine")
+_start_native_thread = monkey.get_original("_thread", "start_new_thread")
+_IDLE_WAKE_S = 1.0  # idle heartbeat, so liveness checks see a beating loop
+
+
+class EngineHost:
+    def __init__(self, engines: list, memory_budget: Optional[int] = None):
+        self.engines = list(engines)
+        self.inbox = _queue.SimpleQueue()
+        self.bridge: Optional[OutputBridge] = None
+        self.memory_budget = memory_budget  # None until known: weights + KV + prefix caches of every model
+        self.turns = 0  # turns given so far: the clock of least-recently-used eviction
+        self.alive = False
+        self.error: Optional[str] = None
+        self.blas = "not loaded yet"
+        for engine in self.engines:
+            engine.attach(self)
+
+    # ---- web side -------------------------------------------------------
+    def start(self) -> None:
+        """Start the host thread. Call from the thread that runs the gevent hub."""
+        self.bridge = OutputBridge()
+        for engine in self.engines:
+            engine.preload()
+        from engine import blas
+
+        self.blas = blas.in_use()
+        self.alive = True
+        _start_native_thread(self._run, ())
+
+    def post(self, engine, message) -> None:
+        self.inbox.put((engine, message))
+
+    def shutdown(self) -> None:
+        self.inbox.put((None, Shutdown()))
+
+    # ---- host thread ------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            self._open_all()
+            while self._drain(block=not self._has_work()):
+                for engine in self.engines:
+                    if engine.loaded and engine.has_work:
+                        self.turns += 1
+                        engine.last_turn = self.turns
+                        engine.turn()
+                self._load_waiting()
+                self._beat()
+            for engine in self.engines:
+                engine.stop("the server is shutting down")
+            self._end_inbox("the server is shutting down")
+        except BaseException as exc:
+            self.error = f"engine loop died: {exc!r}"
+            log.critical("%s\n%s", self.error, traceback.format_exc())
+            for engine in self.engines:
+                engine.die(self.error)
+            self._end_inbox(self.error)
+        finally:
+            self.alive = False
+
+    def _open_all(self) -> None:
+        """Every model's text side (tokenizer, limits); pinned models' weights too. Then the budget."""
+        for engine in self.engines:
+            engine.open(with_weights=engine.pinned)
+        if self.memory_budget is None:  # auto: what is loaded now plus the KV share of what is left
+            from engine import memory
+
+            loaded = sum(e.weight_bytes for e in self.engines if e.loaded)
+            self.memory_budget = loaded + memory.auto_budget(loaded)
+        self._apply_mlx_limits()
+        self.rebalance()
+        self._beat()
+
+    def _apply_mlx_limits(self) -> None:
+        from engine import memory
+
+        memory.apply_mlx_limits(0, self.memory_budget)
+
+    def _has_work(self) -> bool:
+        return any(e.loaded and e.has_work for e in self.engines)
+
+    def _drain(self, block: bool) -> bool:
+        """Apply every queued message; False once Shutdown arrives. Blocking, it wakes at least
+        once a second so the loop can retry a waiting load and liveness checks see it beat."""
+        while True:
+            try:
+                engine, message = self.inbox.get(timeout=_IDLE_WAKE_S) if block else self.inbox.get_nowait()
+            except _queue.Empty:
+                if block:
+                    self._beat(sample=True)
+                return True
+            block = False
+            if isinstance(message, Shutdown):
+                for e in self.engines:
+                    e.fail_all("the server is shutting down", finish_reason="abort")
+                return False
+            engine.apply(message)
+
+    # ---- memory budget ---------------------------------------------------
+    def used_bytes(self, without=None) -> int:
+        """Weights of loaded (or loading) models plus KV reserved by running rows."""
+        return sum(e.weight_bytes + e.reserved_bytes for e in self.engines if e.holds_memory and e is not without)
+
+    def rebalance(self) -> None:
+        """Each model's KV room is what the budget leaves after every model's weights and the other
+        models' reservations; the prefix caches share what nobody has reserved. Runs when anything
+        joins, finishes, loads or unloads, not on every step."""
+        budget = self.memory_budget
+        if budget is None:
+            return
+        holding = [e for e in self.engines if e.holds_memory]
+        weights = sum(e.weight_bytes for e in holding)
+        reserved = sum(e.reserved_bytes for e in holding)
+        for engine in self.engines:
+            own = engine.reserved_bytes if engine.holds_memory else 0
+            extra = 0 if engine.holds_memory else engine.weight_bytes
+            engine.set_kv_room(max(budget - weights - extra - (reserved - own), 0))
+        free = max(budget - weights - reserved, 0)
+        for engine in holding:
+            engine.limit_prefix_cache(free // len(holding))
+
+    def _load_waiting(self) -> None:
+        """Load a model whose requests wait, if the budget allows once idle models are evicted."""
+        for engine in self.engines:
+            if engine.loaded or not engine.wants_weights:
+                continue
+            need = engine.weight_bytes + engine.first_reservation()
+            idle = sorted((e for e in self.engines if e.loaded and e.evictable), key=lambda e: e.last_turn)
+            free = self.memory_budget - self.used_bytes()
+            if free + sum(e.weight_bytes for e in idle) < need:
+                continue  # waits: running streams are never cut; the web side times the request out
+            while free < need and idle:
+                victim = idle.pop(0)
+                log.info("evicting idle model %s to load %s", victim.model_id, engine.model_id)
+                victim.unload()
+                free = self.memory_budget - self.used_bytes()
+            self._release()
+            engine.load_weights()
+            self.rebalance()
+
+    def unloaded(self, engine) -> None:
+        """An engine dropped its weights and caches: hand the memory back to the system."""
+        self._release()
+        self.rebalance()
+
+    @staticmethod
+    def _release() -> None:
+        import mlx.core as mx
+
+        gc.collect()
+        mx.clear_cache()
+
+    def _beat(self, sample: bool = False) -> None:
+        now = time.monotonic()  # measured only: liveness for the watchdog, no decision here
+        for engine in self.engines:
+            engine.stats.last_beat = now
+            if sample:
+                engine.sample_memory()
+
+    def _end_inbox(self, why: str) -> None:
+        """The loop has ended: every request still in the inbox gets its end marker."""
+        while True:
+            try:
+                engine, message = self.inbox.get_nowait()
+            except _queue.Empty:
+                break
+            if isinstance(message, (AddRequest, AddGroup)):
+                engine.refuse(message, why)

@@ -25,30 +25,33 @@ def health():
 
 @api.get("/v1/models")
 def models():
-    model = _orchard().require_ready().model
-    return jsonify(object="list", data=[{"id": model.model_id, "object": "model", "created": model.created,
-                                         "owned_by": "orchard", "context_length": model.context_length}])
+    """Every configured model (local and remote) with its state: loaded, loading, unloaded..."""
+    return jsonify(object="list", data=_orchard().catalog.listing())
 
 
 @api.get("/v1/models/<path:model_id>")
 def model_detail(model_id: str):
-    model = _orchard().require_ready().model
-    if model_id != model.model_id:
-        raise APIError(404, f"The model '{model_id}' does not exist", type="not_found_error",
+    row = next((m for m in _orchard().catalog.listing() if m["id"] == model_id), None)
+    if row is None:
+        raise APIError(404, f"The model '{model_id[:200]}' does not exist", type="not_found_error",
                        param="model", code="model_not_found")
-    return jsonify(id=model.model_id, object="model", created=model.created, owned_by="orchard")
+    return jsonify(row)
 
 
 @api.post("/v1/chat/completions")
 def chat_completions():
     orchard = _orchard()
     orchard.refuse_if_draining()
-    body = ChatCompletionRequest.model_validate_json(json_body() or b"null")
-    chat = orchard.require_ready()
-    prepared = chat.prepare(body, g.client_id, g.request_id)
-    if not body.stream:
-        return jsonify(chat.complete(prepared, request.environ))
-    return sse_response(chat.stream(prepared, body.include_usage, request.environ))
+    raw = json_body() or b"null"
+    body = ChatCompletionRequest.model_validate_json(raw)
+
+    def local(chat):
+        prepared = chat.prepare(body, g.client_id, g.request_id)
+        if not body.stream:
+            return jsonify(chat.complete(prepared, request.environ))
+        return sse_response(chat.stream(prepared, body.include_usage, request.environ))
+
+    return orchard.answer("chat", body.model, local, raw, body.stream)
 
 
 @api.get("/v1/system/status")

@@ -6,14 +6,17 @@ Gunicorn's master starts a fresh one with the model reloaded.
 """
 from __future__ import annotations
 
+import importlib
+import json
 import logging
 import os
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import gevent
 
 from app.api.chat.serving import ChatServing
+from app.catalog import ModelCatalog, at_capacity
 from app.errors import APIError
 from app.generation.admission import Admission
 from app.generation.constraints import Constraints
@@ -31,33 +34,61 @@ STALL_S = 30.0  # engine loop silent this long while it has work: unhealthy
 WATCHDOG_PERIOD_S = 1.0
 EXIT_CODE_ENGINE_DEAD = 70
 # Every API's serving class takes (GenerationContext, Settings, Admission, Constraints).
+API_PATHS = {"chat": "/chat/completions", "completions": "/completions", "responses": "/responses",
+             "messages": "/messages", "embeddings": "/embeddings"}
 SERVINGS = {"completions": "app.api.completions.serving:CompletionsServing",
             "responses": "app.api.responses.serving:ResponsesServing",
             "messages": "app.api.messages.serving:MessagesServing"}
 
 
+class ModelServices:
+    """One local chat model's serving objects: built once its text side is loaded, shared by
+    every API (one GenerationContext, one Admission, one Constraints)."""
+
+    def __init__(self, engine: Engine, settings: Settings, metrics: Metrics, limiter: RateLimiter, store):
+        text = ModelText(engine.model)
+        ctx = GenerationContext(engine, text, metrics, settings.queue_timeout)
+        self.chat = ChatServing(ctx, settings, Admission(engine, settings, limiter), Constraints(text, settings.tool_parser))
+        self._settings, self._store = settings, store
+        self._servings: dict[str, object] = {"chat": self.chat}
+
+    def serving(self, api: str):
+        if api not in self._servings:
+            module, name = SERVINGS[api].split(":")
+            cls = getattr(importlib.import_module(module), name)
+            chat = self.chat
+            extra = {"store": self._store} if api == "responses" else {}
+            self._servings[api] = cls(chat.ctx, self._settings, chat.admission, chat.constraints, **extra)
+        return self._servings[api]
+
+
 class Orchard:
-    def __init__(self, settings: Settings, engine: Engine):
+    def __init__(self, settings: Settings, engine: Optional[Engine] = None, catalog: Optional[ModelCatalog] = None):
         self.settings = settings
-        self.engine = engine
-        self.meter = ThroughputMeter(engine)
-        self.status = StatusReporter(engine, settings, self.meter, __version__)
-        self.metrics = Metrics(engine, settings)
+        self.catalog = catalog or ModelCatalog.serving_one(settings, engine)
+        self.engine = self.catalog.first_engine  # the host's heartbeat and BLAS; the first model's counters
+        self.meter = ThroughputMeter(self.catalog.engines)
+        self.status = StatusReporter(self.engine, settings, self.meter, __version__, self.catalog)
+        self.metrics = Metrics(self.engine, settings)
+        self.catalog.register_metrics(self.metrics.registry)
         self.limiter = RateLimiter(settings.rate_limit, settings.token_rate_limit)
         self.draining = False
         self._drainer = None  # the greenlet running _drain, once SIGTERM arrived
-        self._chat: Optional[ChatServing] = None
-        self._servings: dict[str, object] = {}
+        self._services: dict[str, ModelServices] = {}
+        from app.api.responses.store import ResponseStore
+
+        self._store = ResponseStore(settings.responses_store_count, settings.responses_store_bytes,
+                                    settings.responses_store_ttl)
 
     @classmethod
     def start(cls, settings: Settings, engine: Optional[Engine] = None) -> "Orchard":
+        catalog = None
         if engine is None:
-            from engine.factory import build_engine
-
-            engine = build_engine(settings)
-        orchard = cls(settings, engine)
-        engine.start()
+            catalog = ModelCatalog.from_settings(settings)
+        orchard = cls(settings, engine, catalog)
+        orchard.catalog.start()
         orchard.meter.start()
+        gevent.spawn(orchard.catalog.unload_idle_models)
         return orchard
 
     def start_watchdog(self) -> None:
@@ -65,46 +96,62 @@ class Orchard:
         gevent.spawn(self._watch_engine)
 
     def health(self) -> tuple[bool, str]:
-        engine = self.engine
         if self.draining:
             return False, "The server is shutting down"
-        if engine.state is EngineState.LOADING:
-            return False, "The model is still loading"
-        if engine.state is not EngineState.READY:
-            return False, f"The engine has {engine.state.value}: {engine.error or 'stopped'}"
+        for engine in self.catalog.pinned_engines():
+            if engine.state is EngineState.LOADING:
+                return False, f"The model {engine.model_id} is still loading"
+            if engine.state is not EngineState.READY:
+                return False, f"The engine of {engine.model_id} has {engine.state.value}: {engine.error or 'stopped'}"
+        if not self.catalog.host_alive():
+            return False, f"The engine has stopped: {self.engine.error or 'stopped'}"
         if self.stalled():
-            return False, f"The engine made no progress for {time.monotonic() - engine.stats.last_beat:.0f} s"
+            return False, f"The engine made no progress for {time.monotonic() - self.engine.stats.last_beat:.0f} s"
         return True, "ok"
 
     def stalled(self) -> bool:
         beat = self.engine.stats.last_beat
-        return bool((self.engine.running or self.engine.waiting) and beat and time.monotonic() - beat > STALL_S)
+        busy = any(e.running or e.waiting for e in self.catalog.engines)
+        return bool(busy and beat and time.monotonic() - beat > STALL_S)
 
     def require_ready(self) -> ChatServing:
+        """The first local chat model's chat serving (in-process callers that serve one model)."""
+        return self.services(self.catalog.first_chat_id).chat
+
+    def services(self, model_id: str) -> ModelServices:
+        """A local chat model's serving objects; 503 while the server cannot serve it."""
         ok, why = self.health()
-        if not ok:
-            raise APIError(503, why, type="server_error", code="engine_unavailable",
-                           headers={"Retry-After": "5"})
-        if self._chat is None:  # the model's text side exists once the engine has loaded it
-            text = ModelText(self.engine.model)
-            ctx = GenerationContext(self.engine, text, self.metrics, self.settings.queue_timeout)
-            self._chat = ChatServing(ctx, self.settings, Admission(self.engine, self.settings, self.limiter),
-                                     Constraints(text, self.settings.tool_parser))
-        return self._chat
+        engine = self.catalog.engine(model_id)
+        if not ok or not engine.text_ready:
+            why = why if not ok else f"The model {model_id} is not available: {engine.error or engine.state.value}"
+            raise APIError(503, why, type="server_error", code="engine_unavailable", headers={"Retry-After": "5"})
+        if model_id not in self._services:
+            self._services[model_id] = ModelServices(engine, self.settings, self.metrics, self.limiter, self._store)
+        return self._services[model_id]
 
-    def serving(self, api: str):
-        """The serving object of one API (`chat`, `completions`, `responses`, `messages`), built on
-        the first request once the model is ready; all share one GenerationContext."""
-        chat = self.require_ready()
-        if api == "chat":
-            return chat
-        if api not in self._servings:
-            module, name = SERVINGS[api].split(":")
-            import importlib
+    def serving(self, api: str, model_id: Optional[str] = None):
+        """The serving object of one API (`chat`, `completions`, `responses`, `messages`) for a
+        local chat model (default: the first), built on its first request."""
+        return self.services(model_id or self.catalog.first_chat_id).serving(api)
 
-            cls = getattr(importlib.import_module(module), name)
-            self._servings[api] = cls(chat.ctx, self.settings, chat.admission, chat.constraints)
-        return self._servings[api]
+    def answer(self, api: str, name: str, local: Callable, raw: bytes = b"{}", stream: bool = False):
+        """Serve a request for a model name: its targets in order (an id or alias names one; an
+        operator's alias may name several), a local model through `local(serving)`, a remote one
+        by forwarding the client's JSON (`raw`); the next target is tried only when one is at capacity."""
+        targets = self.catalog.targets(name, kind="chat")
+        for position, entry in enumerate(targets):
+            try:
+                if entry.is_remote:
+                    from flask import g
+
+                    return self.catalog.remote(entry.id).forward(API_PATHS[api], json.loads(raw), stream=stream,
+                                                                  request_id=g.request_id)
+                return local(self.serving(api, entry.id))
+            except APIError as exc:
+                if position == len(targets) - 1 or not at_capacity(exc):
+                    raise
+                log.info("model %s is at capacity (%s): trying %s", entry.id, exc.message, targets[position + 1].id)
+        raise AssertionError("unreachable: targets() never returns an empty tuple")
 
     def refuse_if_draining(self) -> None:
         if self.draining:
@@ -118,16 +165,20 @@ class Orchard:
         if self.draining:
             return
         self.draining = True
-        log.info("draining: %d running, %d waiting", self.engine.running, self.engine.waiting)
+        log.info("draining: %d requests running or waiting", self._in_flight())
         self._drainer = gevent.spawn(self._drain)
+
+    def _in_flight(self) -> int:
+        return sum(e.running + e.waiting for e in self.catalog.engines)
 
     def _drain(self) -> None:
         deadline = time.monotonic() + self.settings.drain_timeout
-        while (self.engine.running or self.engine.waiting) and time.monotonic() < deadline:
+        while self._in_flight() and time.monotonic() < deadline:
             gevent.sleep(0.1)
-        if self.engine.running or self.engine.waiting:
-            log.warning("drain budget spent: ending %d requests", self.engine.running + self.engine.waiting)
-            self.engine.abort_all("abort")
+        if self._in_flight():
+            log.warning("drain budget spent: ending %d requests", self._in_flight())
+            for engine in self.catalog.engines:
+                engine.abort_all("abort")
         self.stop_engine()
         log.info("drained; engine %s", self.engine.state.value)
 
@@ -140,10 +191,10 @@ class Orchard:
 
     def stop_engine(self, timeout: float = 5.0) -> None:
         """Ask the engine thread to finish its step and stop; wait for it."""
-        if self.engine.state is EngineState.READY:
+        if self.catalog.host_alive():
             self.engine.shutdown()
         deadline = time.monotonic() + timeout
-        while self.engine.state is EngineState.READY and time.monotonic() < deadline:
+        while self.catalog.host_alive() and time.monotonic() < deadline:
             gevent.sleep(0.05)
 
     def _watch_engine(self) -> None:
@@ -151,7 +202,7 @@ class Orchard:
         and reports 503 instead: restarting would only fail again)."""
         while True:
             gevent.sleep(WATCHDOG_PERIOD_S)
-            died = self.engine.state is EngineState.FAILED and self.engine.model is not None
+            died = self.catalog.host_died()
             if (died or self.stalled()) and not self.draining:
                 log.critical("engine %s: exiting so Gunicorn starts a fresh worker",
                              "died" if died else "stalled")

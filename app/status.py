@@ -15,10 +15,10 @@ WINDOW_S = 60
 
 
 class ThroughputMeter:
-    """Samples the engine's token counter once a second in a greenlet; rates over a window."""
+    """Samples the engines' token counters once a second in a greenlet; rates over a window."""
 
-    def __init__(self, engine: Engine):
-        self._engine = engine
+    def __init__(self, engines: list[Engine]):
+        self._engines = engines
         self._samples: collections.deque = collections.deque(maxlen=WINDOW_S + 1)
         self._greenlet = None
 
@@ -31,8 +31,9 @@ class ThroughputMeter:
             gevent.sleep(1.0)
 
     def sample(self) -> None:
-        s = self._engine.stats
-        self._samples.append((time.monotonic(), s.generated_tokens, s.requests_finished))
+        tokens = sum(e.stats.generated_tokens for e in self._engines)
+        requests = sum(e.stats.requests_finished for e in self._engines)
+        self._samples.append((time.monotonic(), tokens, requests))
 
     def rates(self, seconds: int) -> tuple[float, float]:
         """(tokens/s, requests/s) over the last `seconds`."""
@@ -46,8 +47,9 @@ class ThroughputMeter:
 
 
 class StatusReporter:
-    def __init__(self, engine: Engine, settings, meter: ThroughputMeter, version: str):
+    def __init__(self, engine: Engine, settings, meter: ThroughputMeter, version: str, catalog=None):
         self._engine, self._settings, self._meter, self._version = engine, settings, meter, version
+        self._catalog = catalog
         self._process = psutil.Process(os.getpid())
         self._process.cpu_percent(None)  # prime: the first reading is always 0
         self._started = time.time()
@@ -86,4 +88,5 @@ class StatusReporter:
                        "request_queue_size": self._settings.request_queue_size,
                        "max_tokens_limit": self._settings.max_tokens_limit},
             "backend": {"platform": f"{platform.system()} {platform.machine()}", "blas": engine.blas},
+            "models": self._catalog.report() if self._catalog is not None else [],
         }

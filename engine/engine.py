@@ -162,6 +162,10 @@ class Engine:
         return len(self._scheduler.running)
 
     @property
+    def max_running(self) -> int:
+        return self._scheduler.max_running
+
+    @property
     def waiting(self) -> int:
         queued = self._host.inbox.qsize() if self._host is not None and len(self._host.engines) == 1 else 0
         return len(self._scheduler.waiting) + (len(self._scorer) if self._scorer is not None else 0) + queued

@@ -170,6 +170,7 @@ class EngineHost:
         """An engine dropped its weights and caches: hand the memory back to the system."""
         self._release()
         self.rebalance()
+        self._beat(sample=True)  # the memory it returned shows in status at once
 
     @staticmethod
     def _release() -> None:

@@ -24,6 +24,21 @@ class ModelSource:
     is_local: bool
 
 
+def served_id(model: str, model_id: str = "") -> str:
+    """The name clients use for MODEL, known before anything is resolved or loaded (the same
+    name resolve() gives the source)."""
+    if model_id:
+        return model_id
+    if model == EMBEDDED:
+        return EMBEDDED_ID
+    path = Path(model).expanduser()
+    if path.suffix.lower() == ".gguf":
+        return path.stem.lower()
+    if path.is_dir():
+        return path.name
+    return model
+
+
 def import_dtype(setting: str) -> Optional[str]:
     """Weight dtype for GGUF import. 'auto': float32 on CPU-only Linux, where it decodes
     about twice as fast as 4-bit with OpenBLAS; the file's own quantization on a Mac."""

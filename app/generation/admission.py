@@ -2,7 +2,6 @@
 KV-cache memory, queue capacity and the per-key token budget."""
 from __future__ import annotations
 
-import fnmatch
 from typing import Optional
 
 from app.errors import APIError, bad_request, overloaded
@@ -18,13 +17,9 @@ class Admission:
         self._limiter = limiter
 
     def resolve_model(self, name: str, param: str = "model") -> str:
-        """The served model's id for a requested name: its id, or an operator-set alias (glob
-        patterns such as `claude-*` allowed). Anything else is a 404; a request never loads a path."""
-        served = self._engine.model.model_id
-        if name == served or any(fnmatch.fnmatchcase(name, alias) for alias in self._settings.aliases()):
-            return served
-        raise APIError(404, f"The model '{name}' does not exist; this server serves '{served}'",
-                       type="not_found_error", param=param, code="model_not_found")
+        """The id this model answers under. The name was already matched to this model by the
+        catalog (app/catalog.py: ids and operator-set aliases only; a request never loads a path)."""
+        return self._engine.model.model_id
 
     def max_tokens(self, asked: Optional[int], param: str, prompt_len: int, prompt_param: str = "messages") -> int:
         """The completion budget: what was asked, checked against the limit and the context."""
@@ -69,7 +64,7 @@ class Admission:
     def admit(self, prompt_len: int, max_tokens: int, n: int, client: str) -> None:
         """Memory, capacity and rate limit, in that order; raises the API error that applies."""
         self._check_memory(prompt_len + max_tokens)
-        capacity = self._settings.max_concurrent_requests + self._settings.request_queue_size
+        capacity = self._engine.max_running + self._settings.request_queue_size
         if self._engine.running + self._engine.waiting + n > capacity:
             raise overloaded(f"The server is at capacity ({capacity} requests running or queued); "
                              f"retry shortly", retry_after=2)

@@ -13,9 +13,13 @@ blueprint = Blueprint("completions", __name__)
 def completions():
     orchard = current_app.extensions["orchard"]
     orchard.refuse_if_draining()
-    body = CompletionRequest.model_validate_json(json_body() or b"null")
-    serving = orchard.serving("completions")
-    prepared = serving.prepare(body, g.client_id, g.request_id)
-    if not body.stream:
-        return jsonify(serving.complete(prepared, body, request.environ))
-    return sse_response(serving.stream(prepared, body, request.environ))
+    raw = json_body() or b"null"
+    body = CompletionRequest.model_validate_json(raw)
+
+    def local(serving):
+        prepared = serving.prepare(body, g.client_id, g.request_id)
+        if not body.stream:
+            return jsonify(serving.complete(prepared, body, request.environ))
+        return sse_response(serving.stream(prepared, body, request.environ))
+
+    return orchard.answer("completions", body.model, local, raw, body.stream)

@@ -17,12 +17,16 @@ def _orchard():
 def create_response():
     orchard = _orchard()
     orchard.refuse_if_draining()
-    body = ResponsesRequest.model_validate_json(json_body() or b"null")
-    serving = orchard.serving("responses")
-    prepared = serving.prepare(body, g.client_id, g.request_id)
-    if not body.stream:
-        return jsonify(serving.complete(prepared, request.environ))
-    return sse_response(serving.stream(prepared, request.environ))
+    raw = json_body() or b"null"
+    body = ResponsesRequest.model_validate_json(raw)
+
+    def local(serving):
+        prepared = serving.prepare(body, g.client_id, g.request_id)
+        if not body.stream:
+            return jsonify(serving.complete(prepared, request.environ))
+        return sse_response(serving.stream(prepared, request.environ))
+
+    return orchard.answer("responses", body.model, local, raw, bool(body.stream))
 
 
 @blueprint.get("/v1/responses/<response_id>")

@@ -28,6 +28,8 @@ class Settings:
     host: str = _spec("HOST", "address to bind")
     port: int = _spec("PORT", "TCP port", min=1, max=65535)
     model: str = _spec("MODEL", "'embedded', a .gguf file, an MLX model directory or a Hugging Face repo id")
+    models_file: str = _spec("MODELS_FILE", "YAML list of the models served (ids, aliases, sources or remote "
+                                            "upstreams); empty: MODEL alone")
     model_id: str = _spec("MODEL_ID", "name clients use in the `model` field (default: derived from MODEL)")
     model_dtype: str = _spec("MODEL_DTYPE", "weight dtype after GGUF import", choices=("auto", "keep", "float32", "float16", "bfloat16"))
     load_format: str = _spec("LOAD_FORMAT", "'weights'; 'dummy': random weights from config.json; 'synthetic': no model, "
@@ -136,6 +138,7 @@ DEFAULTS: dict[str, str] = {
     "HOST": "127.0.0.1",
     "PORT": "8001",
     "MODEL": "embedded",
+    "MODELS_FILE": "",
     "MODEL_ID": "",
     "MEMORY_BUDGET": "auto",
     "MODEL_DTYPE": "auto",
@@ -241,6 +244,9 @@ def _check_consistency(s: Settings) -> None:
     if s.tool_parser not in ("auto", "hermes", "llama3_json"):
         raise SettingsError(f"TOOL_PARSER={s.tool_parser!r} must be auto, hermes or llama3_json")
     s.kv_budget_bytes, s.prefix_cache_cap, s.memory_budget_bytes  # validates the sizes
+    if s.models_file and not Path(s.models_file).expanduser().is_file():
+        raise SettingsError(f"MODELS_FILE={s.models_file!r}: no such file (give the path of a YAML models file, "
+                            f"or leave it empty to serve MODEL alone)")
     keys = s.keys()
     if not keys and not s.is_loopback and not s.allow_public_bind:
         raise SettingsError(f"HOST={s.host} is not a loopback address and API_KEYS is empty: anyone on the "

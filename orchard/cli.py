@@ -107,6 +107,31 @@ def _config(args) -> int:
     for env, value, help_text in settings.describe():
         print(f"{env:<{width}}  {value:<28}  {help_text}")
     print("settings OK")
+    return _check_models_file(settings.models_file, settings.max_concurrent_requests) if settings.models_file else 0
+
+
+def _check_models_file(path: str, default_concurrency: int) -> int:
+    """Validate MODELS_FILE; print its models, alias routes and warnings, or every problem."""
+    from config.models_file import ModelsFileError, load_models_file
+
+    try:
+        models = load_models_file(path)
+    except ModelsFileError as exc:
+        print(f"orchard: invalid {exc}", file=sys.stderr)
+        return 1
+    rows = [("ID", "KIND", "SOURCE", "ALIASES", "PINNED", "MAX_CONCURRENT")]
+    rows += [(e.id, e.kind + (f" ({e.pooling})" if e.pooling else ""), ("remote " if e.is_remote else "") + e.where(),
+              ", ".join(e.aliases) or "-", "yes" if e.pinned else "no",
+              str(e.max_concurrent or f"{default_concurrency} (server)")) for e in models.entries]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    print(f"\nmodels ({path}):")
+    for row in rows:
+        print("  " + "  ".join(f"{cell:<{w}}" for cell, w in zip(row, widths)).rstrip())
+    for name, targets in models.aliases.items():
+        print(f"  alias {name} -> {' | '.join(targets)}  (tries {', '.join(e.id for e in models.resolve(name))})")
+    for warning in models.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    print("models file OK")
     return 0
 
 

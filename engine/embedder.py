@@ -31,6 +31,8 @@ class Embedder:
 
     def embed(self, inputs: list[list[int]]) -> list[np.ndarray]:
         """One float32 vector per input (token ids, non-empty), in input order."""
+        if not all(inputs):
+            raise ValueError("every input needs at least one token")
         order = sorted(range(len(inputs)), key=lambda i: -len(inputs[i]))
         vectors: list = [None] * len(inputs)
         for batch in self._batches(order, inputs):
@@ -48,10 +50,8 @@ class Embedder:
 
     def _embed_batch(self, batch: list[list[int]]) -> list[np.ndarray]:
         lengths = [len(ids) for ids in batch]
-        if min(lengths) < 1:
-            raise ValueError("every input needs at least one token")
         width = max(lengths)
-        tokens = mx.array([ids + [PAD_ID] * (width - len(ids)) for ids in batch])
+        tokens = mx.array([list(ids) + [PAD_ID] * (width - len(ids)) for ids in batch])
         pooled = self._pool(self._hidden(tokens), mx.array(lengths))
         if self.normalize:
             pooled = pooled / mx.maximum(mx.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)

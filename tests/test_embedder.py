@@ -76,6 +76,11 @@ def test_no_inputs_no_vectors(tiny):
     assert Embedder(tiny).embed([]) == []
 
 
+def test_an_empty_input_is_refused(tiny):
+    with pytest.raises(ValueError, match="at least one token"):
+        Embedder(tiny).embed([[1, 2], []])
+
+
 def test_dimensions_is_the_hidden_size(tiny):
     embedder = Embedder(tiny)
     assert embedder.dimensions == 64 and embedder.embed([[5, 6]])[0].shape == (64,)

@@ -76,10 +76,10 @@ class _Parser:
             return None
         ident = raw.get("id")
         where = f"models[{i}] (id {ident!r})" if _name(ident) else f"models[{i}]"
-        if not _name(ident):
-            self.problem(where, "'id' is missing or empty: give the name clients send as `model` "
-                                "(a string; quote numbers)" if ident is None or ident == "" else
-                                f"'id' must be a non-empty string without surrounding spaces, not {ident!r}")
+        if ident is None or ident == "":
+            self.problem(where, "'id' is missing or empty: give the name clients send as `model`")
+        elif not _name(ident):
+            self.problem(where, f"'id' must be a string without surrounding spaces (quote numbers), not {ident!r}")
         self.unknown_keys(where, raw, ENTRY_KEYS)
         kind = self.choice(where, raw, "kind", KINDS, "chat")
         remote, source = None, None

@@ -76,7 +76,7 @@ def test_embedding_pooling_defaults_to_last_and_chat_has_none(tmp_path):
     (one("{id: x, source: embedded, colour: red}"), "unknown key 'colour'; allowed: id, source"),
     (one("{source: embedded}"), "models[1]: 'id' is missing or empty"),
     (one("{id: '', source: embedded}"), "models[1]: 'id' is missing or empty"),
-    (one("{id: 7, source: embedded}"), "models[1]: 'id' must be a non-empty string"),
+    (one("{id: 7, source: embedded}"), "models[1]: 'id' must be a string without surrounding spaces (quote numbers), not 7"),
     (one("not-a-mapping"), "models[1]: must be a mapping"),
     (one("{id: ok, source: embedded}"), "models[1] (id 'ok'): id 'ok' is already the id of models[0]"),
     (one("{id: x, source: embedded, aliases: [ok]}"), "models[1] (id 'x'): alias 'ok' is already the id of models[0]"),

@@ -44,7 +44,8 @@ def create_app(settings: Optional[Settings] = None, engine=None) -> Flask:
 def _api_blueprints() -> list:
     """One blueprint per API package beside chat (app/api/<name>/route.py)."""
     from app.api.completions.route import blueprint as completions
+    from app.api.embeddings.route import blueprint as embeddings
     from app.api.messages.route import blueprint as messages
     from app.api.responses.route import blueprint as responses
 
-    return [completions, responses, messages]
+    return [completions, responses, messages, embeddings]

@@ -155,7 +155,8 @@ class ModelCatalog:
         for entry in self.config.entries:
             row = {"id": entry.id, "kind": entry.kind, "state": self.state_of(entry)}
             if entry.is_remote:
-                row["remote"] = self._remotes[entry.id].describe()
+                row["remote"] = {"base_url": entry.remote.base_url, "model": entry.remote.model,
+                                 **self._remotes[entry.id].stats.snapshot()}
             else:
                 engine, s = self._engines[entry.id], self._engines[entry.id].stats
                 row.update(pinned=entry.pinned, weight_bytes=engine.weight_bytes, running=engine.running,

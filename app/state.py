@@ -98,6 +98,9 @@ class Orchard:
     def health(self) -> tuple[bool, str]:
         if self.draining:
             return False, "The server is shutting down"
+        for engine in self.catalog.engines:  # every model's text side is loaded at start, before serving
+            if engine.state is EngineState.LOADING and engine.model is None:
+                return False, f"The model {engine.model_id} is still loading"
         for engine in self.catalog.pinned_engines():
             if engine.state is EngineState.LOADING:
                 return False, f"The model {engine.model_id} is still loading"
@@ -118,27 +121,43 @@ class Orchard:
         """The first local chat model's chat serving (in-process callers that serve one model)."""
         return self.services(self.catalog.first_chat_id).chat
 
-    def services(self, model_id: str) -> ModelServices:
-        """A local chat model's serving objects; 503 while the server cannot serve it."""
+    def services_check(self, model_id: str) -> None:
+        """503 while the server, or this model, cannot serve."""
         ok, why = self.health()
         engine = self.catalog.engine(model_id)
         if not ok or not engine.text_ready:
             why = why if not ok else f"The model {model_id} is not available: {engine.error or engine.state.value}"
             raise APIError(503, why, type="server_error", code="engine_unavailable", headers={"Retry-After": "5"})
+
+    def services(self, model_id: str) -> ModelServices:
+        """A local chat model's serving objects; 503 while the server cannot serve it."""
+        self.services_check(model_id)
         if model_id not in self._services:
-            self._services[model_id] = ModelServices(engine, self.settings, self.metrics, self.limiter, self._store)
+            self._services[model_id] = ModelServices(self.catalog.engine(model_id), self.settings, self.metrics,
+                                                     self.limiter, self._store)
         return self._services[model_id]
 
     def serving(self, api: str, model_id: Optional[str] = None):
         """The serving object of one API (`chat`, `completions`, `responses`, `messages`) for a
-        local chat model (default: the first), built on its first request."""
+        local chat model (default: the first), or `embeddings` for an embedding model; built on
+        its first request."""
+        if api == "embeddings":
+            return self._embeddings(model_id)
         return self.services(model_id or self.catalog.first_chat_id).serving(api)
+
+    def _embeddings(self, model_id: str):
+        self.services_check(model_id)
+        if model_id not in self._services:
+            from app.api.embeddings.serving import EmbeddingsServing
+
+            self._services[model_id] = EmbeddingsServing(self.catalog.engine(model_id), self.settings, self.limiter)
+        return self._services[model_id]
 
     def answer(self, api: str, name: str, local: Callable, raw: bytes = b"{}", stream: bool = False):
         """Serve a request for a model name: its targets in order (an id or alias names one; an
         operator's alias may name several), a local model through `local(serving)`, a remote one
         by forwarding the client's JSON (`raw`); the next target is tried only when one is at capacity."""
-        targets = self.catalog.targets(name, kind="chat")
+        targets = self.catalog.targets(name, kind="embedding" if api == "embeddings" else "chat")
         for position, entry in enumerate(targets):
             try:
                 if entry.is_remote:

@@ -130,19 +130,23 @@ class EngineHost:
         return sum(e.weight_bytes + e.reserved_bytes for e in self.engines if e.holds_memory and e is not without)
 
     def rebalance(self) -> None:
-        """Each model's KV room is what the budget leaves after every model's weights and the other
-        models' reservations; the prefix caches share what nobody has reserved. Runs when anything
-        joins, finishes, loads or unloads, not on every step."""
+        """Each model's KV room is what the budget leaves after the weights and the other models'
+        reservations (for a model not loaded: after its own weights, counting idle models as
+        evictable); the prefix caches share what nobody has reserved. Runs when anything joins,
+        finishes, loads or unloads, not on every step."""
         budget = self.memory_budget
         if budget is None:
             return
         holding = [e for e in self.engines if e.holds_memory]
         weights = sum(e.weight_bytes for e in holding)
+        staying = sum(e.weight_bytes for e in holding if not e.evictable)
         reserved = sum(e.reserved_bytes for e in holding)
         for engine in self.engines:
-            own = engine.reserved_bytes if engine.holds_memory else 0
-            extra = 0 if engine.holds_memory else engine.weight_bytes
-            engine.set_kv_room(max(budget - weights - extra - (reserved - own), 0))
+            if engine.holds_memory:
+                room = budget - weights - (reserved - engine.reserved_bytes)
+            else:
+                room = budget - staying - engine.weight_bytes - reserved
+            engine.set_kv_room(max(room, 0))
         free = max(budget - weights - reserved, 0)
         for engine in holding:
             engine.limit_prefix_cache(free // len(holding))
@@ -165,6 +169,7 @@ class EngineHost:
             self._release()
             engine.load_weights()
             self.rebalance()
+            self._beat(sample=True)  # MLX's memory counters are process-wide: every model's view
 
     def unloaded(self, engine) -> None:
         """An engine dropped its weights and caches: hand the memory back to the system."""

@@ -47,5 +47,6 @@ def apply_mlx_limits(weight_bytes: int, kv_budget: int) -> Optional[int]:
     limit = int((weight_bytes + kv_budget) * 1.25) + (512 << 20)
     mx.set_memory_limit(limit)
     mx.set_cache_limit(min(limit // 4, 2 << 30))
-    log.info("KV budget %.1f MiB; MLX memory limit %.1f MiB", kv_budget / 2**20, limit / 2**20)
+    log.info("memory budget %.1f MiB (weights %.1f MiB + KV); MLX memory limit %.1f MiB",
+             (weight_bytes + kv_budget) / 2**20, weight_bytes / 2**20, limit / 2**20)
     return limit

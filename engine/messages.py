@@ -59,6 +59,19 @@ class Shutdown:
 
 
 @dataclass(frozen=True)
+class EmbedRequest:
+    """Token inputs of one /v1/embeddings request; answered with Embedded, then Finished."""
+
+    request_id: str
+    inputs: tuple[tuple[int, ...], ...]
+
+
+@dataclass(frozen=True)
+class Embedded:
+    vectors: list  # float32 numpy vectors, one per input, in order
+
+
+@dataclass(frozen=True)
 class UnloadModel:
     """Free an idle model's weights and caches (idle_unload_s ran out on the web side's clock);
     the engine thread checks that it is still idle and not pinned, so a late message is harmless."""

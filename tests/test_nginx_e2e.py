@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import difflib
+import itertools
+import json
 import os
 import re
 import shutil
@@ -27,7 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.server import ROOT, ServerProcess, _die_with_parent, free_port
 
-NGINX = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if os.access(p, os.X_OK)), None)
+NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if os.access("/usr/sbin/nginx", os.X_OK) else None)
 pytestmark = pytest.mark.skipif(NGINX is None, reason="nginx not installed (scripts/install-ci-extras.sh)")
 
 CONF = ROOT / "deploy" / "nginx" / "orchard.conf"
@@ -109,7 +111,7 @@ class Cluster:
         self.url = f"http://127.0.0.1:{self.listen}"
         self.instances: list[ServerProcess] = []  # every process ever started (the logs outlive them)
         self.ledger: list[Outcome] = []
-        self._count = 0
+        self._ids = itertools.count(1)  # next() on it is atomic: requests are made from several threads
         self.nginx: subprocess.Popen | None = None
 
     def instance(self, index: int, **env) -> ServerProcess:
@@ -135,14 +137,13 @@ class Cluster:
         raise RuntimeError(f"nginx did not start:\n{self.nginx_log()}")
 
     def nginx_log(self) -> str:
-        return "\n".join(p.read_text(errors="replace")[-3000:] for p in (self.tmp / "startup.log", self.tmp / "error.log")
-                         if p.exists())
+        logs = (self.tmp / "startup.log", self.tmp / "error.log")
+        return "\n".join(p.read_text(errors="replace")[-3000:] for p in logs if p.exists())
 
     def ask(self, stream: bool = False, max_tokens: int = 4, cut_after: int | None = None,
             base_url: str | None = None) -> Outcome:
         """One chat completion with its own X-Request-Id and prompt; classified and recorded."""
-        self._count += 1
-        rid = f"nginx-e2e-{self._count}-{os.getpid()}"
+        rid = f"nginx-e2e-{next(self._ids)}-{os.getpid()}"
         body = {"model": MODEL, "max_tokens": max_tokens, "stream": stream, "ignore_eos": True,
                 "messages": [{"role": "user", "content": f"Count from one to fifty. ({rid})"}]}
         response = requests.post((base_url or self.url) + "/v1/chat/completions", json=body, stream=stream,
@@ -176,7 +177,8 @@ class Cluster:
 def classify(rid: str, response: requests.Response, cut_after: int | None) -> Outcome:
     if response.status_code == 503:
         envelope = response.json()["error"]
-        ok = response.headers.get("Retry-After", "").isdigit() and set(envelope) == {"message", "type", "param", "code"}
+        ok = (response.headers.get("Retry-After", "").isdigit()
+              and set(envelope) == {"message", "type", "param", "code"})
         return Outcome(rid, 503, "refused" if ok else "503 without Retry-After or envelope", envelope.get("code"))
     if response.status_code != 200:
         return Outcome(rid, response.status_code, f"unexpected {response.status_code}: {response.text[:300]}")
@@ -197,7 +199,7 @@ def read_stream(rid: str, response: requests.Response, cut_after: int | None) ->
             if line == b"data: [DONE]":
                 outcome.kind = "sse_error" if error else "aborted" if "abort" in reasons else "complete"
                 break
-            event = requests.models.complexjson.loads(line[6:])
+            event = json.loads(line[6:])
             if "error" in event:
                 error = event["error"]
                 continue
@@ -253,6 +255,12 @@ def ran_on(cluster: Cluster, rid: str) -> list[int]:
     return [cluster.ports.index(s.port) for s in cluster.instances if rid in completions(s)]
 
 
+def assert_metrics_match_logs(servers: list[ServerProcess]) -> None:
+    """Each instance's own count of engine runs (request_success_total) is its completion log."""
+    for server in servers:
+        assert scrape(server)["finished"] == len(completions(server)), server.base_url
+
+
 def assert_allowed(outcomes: list[Outcome]) -> None:
     bad = [o for o in outcomes if o.kind not in ALLOWED]
     assert not bad, bad
@@ -301,6 +309,7 @@ def test_a_503_before_any_work_is_retried_on_another_instance(cluster):
     assert retried, "no request reached the full instance: nothing was retried"
     for rid in retried:  # refused there before any work, then run exactly once elsewhere
         assert ran_on(cluster, rid) in ([1], [2]), rid
+    assert_metrics_match_logs(cluster.instances)
 
 
 def test_a_stopped_instance_costs_one_timeout_then_is_avoided(cluster):
@@ -376,8 +385,6 @@ def test_no_request_ran_twice(cluster):
         assert len(where) <= 1, f"{outcome.request_id} ran on instances {where}"
         if outcome.kind == "complete":
             assert len(where) == 1, outcome
-    # The logs agree with the live instance's own count of requests that reached its engine.
-    survivor = cluster.instances[0]
-    assert scrape(survivor)["finished"] == len(completions(survivor))
+    assert_metrics_match_logs([cluster.instances[0]])  # the one instance still alive
     print(f"{len(cluster.ledger)} requests: " + ", ".join(
         f"{kind} {sum(o.kind == kind for o in cluster.ledger)}" for kind in sorted(ALLOWED | {"cut"})))

@@ -25,6 +25,10 @@ load_env .env.production
 if [[ -n "${ORCHARD_ENV_OVERRIDE:-}" && -f "$ORCHARD_ENV_OVERRIDE" ]]; then
     load_env "$ORCHARD_ENV_OVERRIDE"
 fi
+# One of several instances (launchd/orchard-instances.sh): its port wins over the files' PORT.
+if [[ -n "${ORCHARD_INSTANCE_PORT:-}" ]]; then
+    export PORT="$ORCHARD_INSTANCE_PORT"
+fi
 
 venv="$dir/.venv/bin"
 if [[ ! -x "$venv/python" ]]; then

@@ -332,12 +332,31 @@ def test_prometheus_config():
     assert "credentials_file" in (ROOT / "monitoring" / "prometheus.yml").read_text()
 
 
+def nginx_upstream_ports() -> list[int]:
+    """The instances of `upstream orchard` in deploy/nginx/orchard.conf."""
+    conf = (ROOT / "deploy" / "nginx" / "orchard.conf").read_text()
+    block = re.search(r"upstream orchard \{(.*?)\}", conf, re.S).group(1)
+    return [int(port) for port in re.findall(r"^\s*server 127\.0\.0\.1:(\d+) ", block, re.M)]
+
+
+@needs_yaml
+def test_replica_prometheus_config_scrapes_every_nginx_upstream():
+    single = yaml.safe_load((ROOT / "monitoring" / "prometheus.yml").read_text())
+    replicas = yaml.safe_load((ROOT / "monitoring" / "prometheus-replicas.yml").read_text())
+    assert replicas["global"] == single["global"] and replicas["rule_files"] == single["rule_files"]
+    job = next(j for j in replicas["scrape_configs"] if j["job_name"] == "orchard")  # alerts.yml selects job="orchard"
+    targets = [t for group in job["static_configs"] for t in group["targets"]]
+    assert nginx_upstream_ports() == [8001, 8002, 8003]
+    assert targets == [f"127.0.0.1:{port}" for port in nginx_upstream_ports()]
+
+
 needs_promtool = pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")
 
 
 @needs_promtool
 def test_promtool_check_config_and_rules():
-    for args in (["check", "config", "prometheus.yml"], ["check", "rules", "alerts.yml"],
+    for args in (["check", "config", "prometheus.yml"], ["check", "config", "prometheus-replicas.yml"],
+                 ["check", "rules", "alerts.yml"],
                  ["test", "rules", "alerts.test.yml"]):
         r = subprocess.run(["promtool", *args], cwd=ROOT / "monitoring", capture_output=True, text=True, timeout=60)
         assert r.returncode == 0, f"promtool {' '.join(args)}:\n{r.stdout}\n{r.stderr}"
@@ -472,6 +491,40 @@ def test_orchard_service_settings():
     assert unit_value(unit, "Install", "WantedBy") == "multi-user.target"
 
 
+def test_instance_unit_is_orchard_service_on_the_port_of_its_name():
+    single, instance = read_unit("orchard.service"), read_unit("orchard@.service")
+    s = "Service"
+    # Every setting but the per-port ones is the same as orchard.service's (hardening included).
+    per_port = {"Description", "ExecStartPre", "ExecStart", "ExecStartPost", "EnvironmentFile", "SyslogIdentifier"}
+    for section in ("Unit", "Service", "Install"):
+        assert ([kv for kv in single[section] if kv[0] not in per_port]
+                == [kv for kv in instance[section] if kv[0] not in per_port]), section
+    # The port is the instance name and wins over PORT in the environment files.
+    assert unit_value(instance, s, "ExecStart") == ("/usr/bin/env PORT=%i " + unit_value(single, s, "ExecStart"))
+    assert unit_value(instance, s, "ExecStartPost") == ("/usr/bin/env PORT=%i "
+                                                        + unit_value(single, s, "ExecStartPost"))
+    assert "PORT=%i exec" in unit_value(instance, s, "ExecStartPre")
+    assert unit_values(instance, s, "EnvironmentFile") == [*unit_values(single, s, "EnvironmentFile"),
+                                                           "-/etc/orchard/orchard-%i.env"]
+    assert unit_value(instance, s, "SyslogIdentifier") == "orchard-%i"
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
+def test_systemd_analyze_verify_instances(tmp_path):
+    prefix = fake_checkout(tmp_path)
+    units = tmp_path / "units"
+    units.mkdir()
+    text = render((ROOT / "systemd" / "orchard@.service").read_text(), ORCHARD_DIR=str(prefix),
+                  ORCHARD_USER="orchard")
+    names = [f"orchard@{port}.service" for port in nginx_upstream_ports()]
+    for name in names:  # an instance's file: %i is its port
+        (units / name).write_text(text)
+    r = subprocess.run(["systemd-analyze", "verify", "--man=no", *names], cwd=units, capture_output=True,
+                       text=True, timeout=120)
+    ours = [line for line in (r.stdout + r.stderr).splitlines() if "orchard" in line]
+    assert r.returncode == 0 and not ours, r.stdout + r.stderr
+
+
 def test_watchdog_units():
     timer = read_unit("orchard-watchdog.timer")
     assert seconds(unit_value(timer, "Timer", "OnUnitActiveSec")) == 30
@@ -545,6 +598,33 @@ def test_watchdog_plist():
     assert plist["ProgramArguments"][-1] == "@ORCHARD_DIR@/launchd/orchard-watchdog.sh"
     assert int(plist["EnvironmentVariables"]["ORCHARD_WATCHDOG_FAILURES"]) >= 2
     assert "kickstart -k" in (ROOT / "launchd" / "orchard-watchdog.sh").read_text()
+
+
+def test_launchd_instances_are_the_server_job_on_their_ports(tmp_path):
+    env = {**os.environ, "HOME": str(tmp_path)}
+    r = run_script("launchd/orchard-instances.sh", "--prefix", str(ROOT), "--plist-dir", f"{tmp_path}/agents",
+                   "--log-dir", f"{tmp_path}/logs", env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    template = plistlib.loads(render((ROOT / "launchd" / "com.orchard.server.plist").read_text(),
+                                     ORCHARD_DIR=str(ROOT), LOG_DIR="LOG", ENV_OVERRIDE="ENV").encode())
+    for port in (8001, 8002, 8003):
+        with open(tmp_path / "agents" / f"com.orchard.server.{port}.plist", "rb") as f:
+            plist = plistlib.load(f)
+        assert plist["Label"] == f"com.orchard.server.{port}"
+        env_vars = plist["EnvironmentVariables"]
+        assert env_vars["ORCHARD_INSTANCE_PORT"] == str(port)
+        assert env_vars["ORCHARD_LOG_DIR"] == f"{tmp_path}/logs/{port}"  # orchard.log and orchard.pid apart
+        assert env_vars["ORCHARD_ENV_OVERRIDE"] == f"{tmp_path}/.config/orchard/orchard.env"
+        assert plist["StandardOutPath"] == f"{tmp_path}/logs/{port}/orchard.launchd.log"
+        assert f"launchctl bootstrap gui/{os.getuid()} {tmp_path}/agents/com.orchard.server.{port}.plist" in r.stdout
+        same = {k for k in template if k not in ("Label", "EnvironmentVariables", "StandardOutPath",
+                                                 "StandardErrorPath")}
+        assert {k: plist[k] for k in same} == {k: template[k] for k in same}
+    # The wrapper applies the instance's port after the settings files.
+    launch = (ROOT / "launchd" / "orchard-launch.sh").read_text()
+    assert launch.index('load_env "$ORCHARD_ENV_OVERRIDE"') < launch.index('export PORT="$ORCHARD_INSTANCE_PORT"')
+    assert run_script("launchd/orchard-instances.sh", "--plist-dir", f"{tmp_path}/x", "80", env=env).returncode == 1
+    assert run_script("launchd/orchard-instances.sh", "--bogus", env=env).returncode == 2
 
 
 @pytest.mark.skipif(shutil.which("plutil") is None, reason="plutil (macOS) not available")

@@ -69,15 +69,26 @@ def _progress(stage: str, fraction: float) -> None:
 
 
 def _prepare(settings) -> None:
+    """Fetch and import MODEL, or every local model of MODELS_FILE (invalid file: exit 1)."""
     from engine.model_source import resolve
 
-    try:
-        source = resolve(settings.model, settings.cache_dir, dtype_setting=settings.model_dtype,
-                         model_id=settings.model_id, progress=_progress)
-    except (OSError, ValueError, RuntimeError) as exc:
-        sys.exit(f"orchard: cannot prepare MODEL={settings.model!r}: {exc}")
-    where = source.location if source.is_local else "the Hugging Face hub (downloaded on first load)"
-    print(f"model '{source.model_id}' ready: {where}", file=sys.stderr)
+    wanted = [("MODEL", settings.model, settings.model_id)]
+    if settings.models_file:
+        from config.models_file import ModelsFileError, load_models_file
+
+        try:
+            entries = load_models_file(settings.models_file).entries
+        except ModelsFileError as exc:
+            sys.exit(f"orchard: invalid {exc}")
+        wanted = [(f"model {e.id}", e.source, e.id) for e in entries if not e.is_remote]
+    for what, source_setting, model_id in wanted:
+        try:
+            source = resolve(source_setting, settings.cache_dir, dtype_setting=settings.model_dtype,
+                             model_id=model_id, progress=_progress)
+        except (OSError, ValueError, RuntimeError) as exc:
+            sys.exit(f"orchard: cannot prepare {what} ({source_setting!r}): {exc}")
+        where = source.location if source.is_local else "the Hugging Face hub (downloaded on first load)"
+        print(f"model '{source.model_id}' ready: {where}", file=sys.stderr)
 
 
 def _model(args) -> int:

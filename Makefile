@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test test-fast setup model bench clean
+.PHONY: run run-distributed test test-fast setup model bench clean
 
 $(BIN)/orchard: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,10 @@ model: setup
 
 run: model
 	$(BIN)/orchard serve
+
+# One model across two local processes (a loopback ring; rank 0 serves HTTP on PORT).
+run-distributed: model
+	$(BIN)/orchard serve --ranks 2
 
 test: model
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -42,15 +42,10 @@ class ModelCatalog:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "ModelCatalog":
+        host = cls.build_host(settings)
         if not settings.models_file:
-            from engine.factory import build_engine
-
-            return cls.serving_one(settings, build_engine(settings))
-        from engine.factory import build_host
-
+            return cls.serving_one(settings, host.engines[0], host)
         config = load_models_file(settings.models_file)
-        local = [e for e in config.entries if not e.is_remote]
-        host = build_host(settings, local)
         engines = {engine.model_id: engine for engine in host.engines}
         remotes = {}
         for entry in config.entries:
@@ -60,14 +55,23 @@ class ModelCatalog:
                 remotes[entry.id] = RemoteModel(entry, os.environ)
         return cls(config, engines, host, remotes)
 
+    @staticmethod
+    def build_host(settings: Settings):
+        """The engine host of every local model (the same on every rank of a distributed group)."""
+        from engine.factory import build_host, build_single_host
+
+        if not settings.models_file:
+            return build_single_host(settings)
+        return build_host(settings, [e for e in load_models_file(settings.models_file).entries if not e.is_remote])
+
     @classmethod
-    def serving_one(cls, settings: Settings, engine: Engine) -> "ModelCatalog":
+    def serving_one(cls, settings: Settings, engine: Engine, host=None) -> "ModelCatalog":
         """MODEL alone: one pinned chat model, its MODEL_ALIASES (globs allowed) as aliases."""
         from engine.model_source import served_id
 
         model_id = engine.model_id or served_id(settings.model, settings.model_id)
         engine.model_id = model_id
-        return cls(single_model_config(model_id, settings.model, settings.aliases()), {model_id: engine})
+        return cls(single_model_config(model_id, settings.model, settings.aliases()), {model_id: engine}, host)
 
     def start(self) -> None:
         if self._host is not None:
@@ -97,6 +101,11 @@ class ModelCatalog:
 
     def pinned_engines(self) -> list[Engine]:
         return [e for e in self.engines if e.pinned]
+
+    @property
+    def distributed(self) -> bool:
+        host = self._host or getattr(self.first_engine, "_host", None)
+        return bool(host is not None and host.group is not None)
 
     def host_alive(self) -> bool:
         host = self._host or getattr(self.first_engine, "_host", None)

@@ -113,8 +113,10 @@ class Orchard:
         return True, "ok"
 
     def stalled(self) -> bool:
+        """No loop progress for STALL_S while there is work; in a distributed group also when
+        idle (the leader shares a plan at least once a second, so silence means a lost rank)."""
         beat = self.engine.stats.last_beat
-        busy = any(e.running or e.waiting for e in self.catalog.engines)
+        busy = self.catalog.distributed or any(e.running or e.waiting for e in self.catalog.engines)
         return bool(busy and beat and time.monotonic() - beat > STALL_S)
 
     def require_ready(self) -> ChatServing:

@@ -67,6 +67,10 @@ class Settings:
     queue_timeout: int = _spec("QUEUE_TIMEOUT", "seconds a request may wait for a batch slot", min=1, max=3600)
     drain_timeout: int = _spec("DRAIN_TIMEOUT", "seconds in-flight requests get to finish after SIGTERM", min=0, max=3600)
     kv_cache_budget: str = _spec("KV_CACHE_BUDGET", "bytes of KV cache admitted requests may reserve: 'auto' or e.g. 2GiB")
+    distributed_hostfile: str = _spec("DISTRIBUTED_HOSTFILE", "one model across ranks: MLX's hostfile (JSON, one "
+                                                              "list of host:port per rank); empty: one process")
+    distributed_rank: int = _spec("DISTRIBUTED_RANK", "this process's rank; 0 serves HTTP and leads", min=0, max=1023)
+    distributed_backend: str = _spec("DISTRIBUTED_BACKEND", "mx.distributed backend", choices=("ring", "jaccl", "nccl"))
     memory_budget: str = _spec("MEMORY_BUDGET", "with a models file: bytes every loaded model's weights, KV and prefix "
                                                 "caches share ('auto': what is free at start, less a margin; e.g. 48GiB)")
     prefix_cache_bytes: str = _spec("PREFIX_CACHE_BYTES", "KV cache kept from finished requests for reuse by prompts that share a prefix: 'auto' (what the KV budget leaves free), 0 (off) or a size cap")
@@ -141,6 +145,9 @@ DEFAULTS: dict[str, str] = {
     "MODELS_FILE": "",
     "MODEL_ID": "",
     "MEMORY_BUDGET": "auto",
+    "DISTRIBUTED_HOSTFILE": "",
+    "DISTRIBUTED_RANK": "0",
+    "DISTRIBUTED_BACKEND": "ring",
     "MODEL_DTYPE": "auto",
     "LOAD_FORMAT": "weights",
     "ORCHARD_HOME": "~/.cache/orchard",
@@ -244,6 +251,10 @@ def _check_consistency(s: Settings) -> None:
     if s.tool_parser not in ("auto", "hermes", "llama3_json"):
         raise SettingsError(f"TOOL_PARSER={s.tool_parser!r} must be auto, hermes or llama3_json")
     s.kv_budget_bytes, s.prefix_cache_cap, s.memory_budget_bytes  # validates the sizes
+    if s.distributed_hostfile and not Path(s.distributed_hostfile).expanduser().is_file():
+        raise SettingsError(f"DISTRIBUTED_HOSTFILE={s.distributed_hostfile!r}: no such file")
+    if s.distributed_rank and not s.distributed_hostfile:
+        raise SettingsError("DISTRIBUTED_RANK is set but DISTRIBUTED_HOSTFILE is empty")
     if s.models_file and not Path(s.models_file).expanduser().is_file():
         raise SettingsError(f"MODELS_FILE={s.models_file!r}: no such file (give the path of a YAML models file, "
                             f"or leave it empty to serve MODEL alone)")

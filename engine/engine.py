@@ -65,7 +65,7 @@ class Engine:
                  preload: Optional[Callable[[], None]] = None, kv_budget: Optional[int] = None,
                  admission_group: int = 1, admission_wait_steps: int = 0, model_id: str = "",
                  pinned: bool = True, weight_estimate: int = 0):
-        self._loader = loader  # loader(with_weights) -> LoadedModel
+        self._loader = loader  # loader(with_weights, group) -> LoadedModel
         self._preload = preload
         self._kv_budget_setting = kv_budget
         self._generator_factory = generator_factory
@@ -192,7 +192,7 @@ class Engine:
         if self.state is EngineState.FAILED:
             return
         try:
-            model = self._loader(with_weights)
+            model = self._loader(with_weights, self._host.group)
             model.build_text_tables()
             self.model = model
             self._configure_kv(model)
@@ -237,7 +237,7 @@ class Engine:
         self.state = EngineState.LOADING
         self.stats.last_beat = time.monotonic()
         try:
-            loaded = self._loader(True)
+            loaded = self._loader(True, self._host.group)
         except Exception as exc:  # its queued requests fail; the model stays loadable
             log.error("loading %s failed: %s", self.model_id, exc)
             self.state = EngineState.UNLOADED
@@ -511,7 +511,7 @@ class Engine:
             self._publish(ended)
 
     def _publish(self, items: list) -> None:
-        if items:
+        if items and self._host.bridge is not None:  # a follower rank has no clients to tell
             self._bridge.post(items)
 
 

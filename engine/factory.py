@@ -21,6 +21,21 @@ def build_engine(settings: Settings) -> Engine:
                         pinned=True, kv_budget=settings.kv_budget_bytes)
 
 
+def build_single_host(settings: Settings) -> "EngineHost":
+    """MODEL alone on a host of its own (in a distributed group when DISTRIBUTED_HOSTFILE is set)."""
+    from engine.host import EngineHost
+
+    return EngineHost([build_engine(settings)], memory_budget=None, join_group=group_joiner(settings))
+
+
+def group_joiner(settings: Settings):
+    if not settings.distributed_hostfile:
+        return None
+    from engine.distributed import join
+
+    return lambda: join(settings.distributed_hostfile, settings.distributed_rank, settings.distributed_backend)
+
+
 def build_host(settings: Settings, entries) -> "EngineHost":
     """One engine per local model entry (config.models_file.ModelEntry), embedding models included."""
     from engine.host import EngineHost
@@ -38,7 +53,7 @@ def build_host(settings: Settings, entries) -> "EngineHost":
                                            normalize=entry.normalize, max_running=max_running))
         else:
             engines.append(model_engine(settings, entry.source, entry.id, max_running, pinned=entry.pinned))
-    return EngineHost(engines, memory_budget=settings.memory_budget_bytes)
+    return EngineHost(engines, memory_budget=settings.memory_budget_bytes, join_group=group_joiner(settings))
 
 
 def model_engine(settings: Settings, source_setting: str, model_id: str, max_running: int, *,
@@ -94,7 +109,7 @@ def _preload(settings: Settings, sources: list, source_setting: Optional[str] = 
 def _loader(settings: Settings, source_setting: Optional[str], model_id: str, sources: Optional[list] = None):
     sources = sources if sources is not None else []
 
-    def load(with_weights: bool) -> LoadedModel:
+    def load(with_weights: bool, group=None) -> LoadedModel:
         from engine.loader import load as load_model
         from engine.model_source import resolve
 
@@ -104,6 +119,6 @@ def _loader(settings: Settings, source_setting: Optional[str], model_id: str, so
         source = sources[-1]
         if with_weights:
             log.info("loading %s from %s", source.model_id, source.location if source.is_local else "the hub")
-        return load_model(source, settings.load_format, with_weights=with_weights)
+        return load_model(source, settings.load_format, with_weights=with_weights, group=group)
 
     return load

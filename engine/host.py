@@ -32,8 +32,11 @@ _IDLE_WAKE_S = 1.0  # idle heartbeat, so liveness checks see a beating loop
 
 
 class EngineHost:
-    def __init__(self, engines: list, memory_budget: Optional[int] = None):
+    def __init__(self, engines: list, memory_budget: Optional[int] = None, join_group=None):
         self.engines = list(engines)
+        self._join_group = join_group  # () -> engine.distributed.StepGroup, for one model across ranks
+        self.group = None
+        self._unapplied: list = []  # taken from the inbox when the loop ended, never applied
         self.inbox = _queue.SimpleQueue()
         self.bridge: Optional[OutputBridge] = None
         self.memory_budget = memory_budget  # None until known: weights + KV + prefix caches of every model
@@ -62,6 +65,16 @@ class EngineHost:
     def shutdown(self) -> None:
         self.inbox.put((None, Shutdown()))
 
+    def run_follower(self) -> None:
+        """A follower rank: no web side and no clients; the host loop runs on this thread,
+        applying the leader's plans, until the leader shuts the group down or it is lost."""
+        for engine in self.engines:
+            engine.preload()
+        self.alive = True
+        self._run()
+        if self.error is not None:
+            raise RuntimeError(self.error)
+
     # ---- host thread ------------------------------------------------------
     def _run(self) -> None:
         try:
@@ -87,7 +100,10 @@ class EngineHost:
             self.alive = False
 
     def _open_all(self) -> None:
-        """Every model's text side (tokenizer, limits); pinned models' weights too. Then the budget."""
+        """Join the group (if any); every model's text side (tokenizer, limits); pinned models'
+        weights too. Then the budget."""
+        if self._join_group is not None:
+            self.group = self._join_group()  # blocks until every rank is there
         for engine in self.engines:
             engine.open(with_weights=engine.pinned)
         if self.memory_budget is None:  # auto: what is loaded now plus the KV share of what is left
@@ -109,20 +125,39 @@ class EngineHost:
 
     def _drain(self, block: bool) -> bool:
         """Apply every queued message; False once Shutdown arrives. Blocking, it wakes at least
-        once a second so the loop can retry a waiting load and liveness checks see it beat."""
-        while True:
-            try:
-                engine, message = self.inbox.get(timeout=_IDLE_WAKE_S) if block else self.inbox.get_nowait()
-            except _queue.Empty:
-                if block:
-                    self._beat(sample=True)
-                return True
-            block = False
+        once a second so the loop can retry a waiting load and liveness checks see it beat.
+        In a group, the leader's messages are the plan every rank applies."""
+        plan = self._collect(block) if self.group is None or self.group.is_leader else None
+        if self.group is not None:
+            indexed = None if plan is None else [(self.engines.index(e) if e is not None else -1, m) for e, m in plan]
+            plan = [(self.engines[i] if i >= 0 else None, m) for i, m in self.group.share(indexed)]
+        for position, (engine, message) in enumerate(plan):
             if isinstance(message, Shutdown):
                 for e in self.engines:
                     e.fail_all("the server is shutting down", finish_reason="abort")
+                self._unapplied = plan[position + 1:]
                 return False
-            engine.apply(message)
+            try:
+                engine.apply(message)
+            except BaseException:
+                self._unapplied = plan[position + 1:]  # ended by _end_inbox with the inbox's rest
+                raise
+        return True
+
+    def _collect(self, block: bool) -> list:
+        """The inbox's messages: waits up to a second for the first when `block`."""
+        messages = []
+        while True:
+            try:
+                item = self.inbox.get(timeout=_IDLE_WAKE_S) if block else self.inbox.get_nowait()
+            except _queue.Empty:
+                if block:
+                    self._beat(sample=True)
+                return messages
+            messages.append(item)
+            block = False
+            if isinstance(item[1], Shutdown):
+                return messages
 
     # ---- memory budget ---------------------------------------------------
     def used_bytes(self, without=None) -> int:
@@ -192,11 +227,14 @@ class EngineHost:
                 engine.sample_memory()
 
     def _end_inbox(self, why: str) -> None:
-        """The loop has ended: every request still in the inbox gets its end marker."""
+        """The loop has ended: every request still in the inbox (or taken from it and not yet
+        applied) gets its end marker."""
+        left, self._unapplied = list(self._unapplied), []
         while True:
             try:
-                engine, message = self.inbox.get_nowait()
+                left.append(self.inbox.get_nowait())
             except _queue.Empty:
                 break
-            if isinstance(message, (AddRequest, AddGroup)):
+        for engine, message in left:
+            if isinstance(message, (AddRequest, AddGroup)) and engine is not None:
                 engine.refuse(message, why)

@@ -7,6 +7,7 @@ model's shape need no download.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -14,9 +15,10 @@ from engine.model import LoadedModel, context_length_of
 from engine.model_source import ModelSource
 
 
-def load(source: ModelSource, load_format: str = "weights", with_weights: bool = True) -> LoadedModel:
+def load(source: ModelSource, load_format: str = "weights", with_weights: bool = True, group=None) -> LoadedModel:
     """The model; without weights, only its text side (tokenizer, config, limits): a model
-    loaded on demand is validated against while its weights stay on disk."""
+    loaded on demand is validated against while its weights stay on disk. In a distributed
+    group (engine.distributed.StepGroup) the weights are split across its ranks before they load."""
     import mlx.core as mx
     from mlx.utils import tree_flatten
     from mlx_lm.utils import load as mlx_load
@@ -28,6 +30,12 @@ def load(source: ModelSource, load_format: str = "weights", with_weights: bool =
         model, tokenizer, config = _load_dummy(Path(source.location))
     elif load_format == "synthetic":  # HTTP-path benchmark: tokenizer and config, no weights
         model, tokenizer, config = _load_dummy(Path(source.location), build=False)
+    elif group is not None and group.size > 1:
+        from engine.distributed import shard
+
+        model, tokenizer, config = mlx_load(source.location, return_config=True, lazy=True)
+        how = shard(model, group.group)  # before the weights are read: each rank loads its part
+        logging.getLogger("orchard.engine").info("%s split across %d ranks: %s", source.model_id, group.size, how)
     else:
         model, tokenizer, config = mlx_load(source.location, return_config=True)
     params = tree_flatten(model.parameters())

@@ -16,6 +16,8 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--model", help="overrides MODEL")
     serve.add_argument("--host", help="overrides HOST")
     serve.add_argument("--port", help="overrides PORT")
+    serve.add_argument("--ranks", type=int, default=1,
+                       help="serve one model across this many local processes (a loopback group; rank 0 on PORT)")
     sub.add_parser("bench", help="benchmark an OpenAI-compatible server (see `orchard bench --help`)",
                    add_help=False)
     model = sub.add_parser("model", help="prepare or import models")
@@ -58,8 +60,16 @@ def _serve(args) -> int:
             os.environ[name.upper()] = str(getattr(args, name))
     settings = _settings()  # fail here, with a readable message, before Gunicorn starts
     _prepare(settings)  # fetch/convert now, with progress, so the worker starts fast
-    conf = ROOT / "gunicorn.conf.py"
-    os.execv(sys.executable, [sys.executable, "-m", "gunicorn", "-c", str(conf)])
+    gunicorn = [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "gunicorn.conf.py")]
+    if settings.distributed_rank > 0:  # a follower rank of a distributed group: no web side
+        from orchard.group import run_follower
+
+        return run_follower(settings)
+    if args.ranks > 1:
+        from orchard.group import loopback_hostfile, supervise
+
+        return supervise(args.ranks, loopback_hostfile(args.ranks, settings.cache_dir / "groups"), gunicorn)
+    os.execv(sys.executable, gunicorn)
     return 0
 
 

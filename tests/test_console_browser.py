@@ -44,6 +44,7 @@ def test_console_page_served():
     html = resp.get_data(as_text=True)
     for marker in ('id="chat-form"', 'id="message"', 'id="send-btn"', 'id="stop-btn"', 'id="api-key"',
                    'id="max-tokens"', 'id="temperature"', 'aria-live="polite"', 'id="st-engine-state"',
+                   'id="models-list"', 'id="model-select"',
                    "/console/console.js", "/console/console.css"):
         assert marker in html, marker
     assert "http://" not in html and "https://" not in html  # no CDN: everything is served locally

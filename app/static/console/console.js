@@ -1,5 +1,7 @@
-// Orchard console: status panel (polls /v1/system/status) and a streaming chat playground.
-// Plain ES2020, no dependencies. Every API call carries the saved API key, if any.
+// Orchard console: status panel (polls /v1/system/status and /v1/models), a models panel, and a
+// streaming chat playground with a model picker. Plain ES2020, no dependencies. Every API call
+// carries the saved API key, if any. Server-provided strings (model ids, aliases, errors) are
+// untrusted text: they go into the page through textContent only, never innerHTML.
 "use strict";
 
 (() => {
@@ -7,14 +9,17 @@
   const POLL_MS = 2000;
   const AUTH_MESSAGE = "API key required: enter a valid key in the \u201cAPI key\u201d field above and press Save.";
 
-  const chat = { model: "", messages: [], controller: null };  // model: first id of /v1/models
+  // picked: the model id the playground sends; pickedBy: "user", "loaded" (the first loaded chat
+  // model, kept once chosen) or "fallback" (nothing loaded yet: re-chosen on the next refresh).
+  const chat = { picked: "", pickedBy: "", messages: [], controller: null };
   const $ = (id) => document.getElementById(id);
   const el = {
     keyForm: $("key-form"), key: $("api-key"), banner: $("banner"), statusAge: $("status-age"),
     state: $("st-engine-state"), model: $("st-model-id"), running: $("st-running"), waiting: $("st-waiting"),
     tps: $("st-tps"), generated: $("st-generated"), batch: $("st-batch"), uptime: $("st-uptime"),
     rss: $("st-rss"), mlx: $("st-mlx"), kv: $("st-kv"), blas: $("st-blas"), version: $("st-version"),
-    chatModel: $("chat-model"), transcript: $("transcript"), empty: $("transcript-empty"),
+    modelsList: $("models-list"), modelsCount: $("models-count"), modelSelect: $("model-select"),
+    modelHint: $("model-hint"), transcript: $("transcript"), empty: $("transcript-empty"),
     chatError: $("chat-error"), form: $("chat-form"), message: $("message"), maxTokens: $("max-tokens"),
     temperature: $("temperature"), send: $("send-btn"), stop: $("stop-btn"), clear: $("clear-btn"),
   };
@@ -108,17 +113,23 @@
     el.kv.textContent = bytes(get(s, "memory.kv_cache_bytes"));
     el.blas.textContent = get(s, "backend.blas") || dash;
     el.version.textContent = get(s, "version") || dash;
-    if (modelId && chat.model && modelId !== chat.model) chat.model = "";  // the server switched models
-    if (modelId && !chat.model) el.chatModel.textContent = `\u00b7 ${modelId}`;
   }
 
   let pollTimer = null;
+  let polling = false;    // a poll is in flight
+  let pollAgain = false;  // ... and a fresh one was asked for meanwhile (after an answer, a pick)
   let lastOk = 0;
 
+  // Refreshes the status and models panels now, then every POLL_MS (one poll in flight at a time).
   async function pollStatus() {
     clearTimeout(pollTimer);
+    if (polling) { pollAgain = true; return; }  // the poll in flight schedules the next one
+    polling = true;
+    pollAgain = false;
     try {
-      renderStatus(await apiJSON("/v1/system/status"));
+      const [status, list] = await Promise.all([apiJSON("/v1/system/status"), apiJSON("/v1/models")]);
+      renderStatus(status);
+      renderModels(mergeModels(list, status));
       lastOk = Date.now();
       showBanner("");
     } catch (err) {
@@ -132,25 +143,130 @@
         setState("unreachable");
         showBanner("Cannot reach the Orchard server; retrying every 2 s.");
       }
+    } finally {
+      polling = false;
     }
     updateAge();
-    pollTimer = setTimeout(pollStatus, POLL_MS);
+    pollTimer = setTimeout(pollStatus, pollAgain ? 0 : POLL_MS);
   }
 
   function updateAge() {
     el.statusAge.textContent = lastOk ? `updated ${new Date(lastOk).toLocaleTimeString()}` : "";
   }
 
+  // ---- models panel + picker ---------------------------------------------------------
+
+  // One row per configured model: /v1/models (order, kind, aliases, size) joined by id with
+  // status.models (running/waiting, error). A single-model or older server sends ids only.
+  function mergeModels(list, status) {
+    const live = new Map((Array.isArray(get(status, "models")) ? status.models : []).map((m) => [m.id, m]));
+    const rows = list && Array.isArray(list.data) ? list.data : [];
+    return rows.filter((m) => m && typeof m.id === "string" && m.id).map((m) => {
+      const s = live.get(m.id) || {};
+      const remote = m.owned_by === "remote" || Boolean(s.remote);
+      return {
+        id: m.id, kind: m.kind || s.kind || "chat", state: m.state || s.state || (remote ? "remote" : "unknown"),
+        remote, size: m.size_bytes ?? s.weight_bytes, pinned: m.pinned ?? s.pinned,
+        aliases: Array.isArray(m.aliases) ? m.aliases.map(String) : [], context: m.context_length,
+        running: s.running, waiting: s.waiting, generated: s.generated_tokens, error: s.error || "",
+      };
+    });
+  }
+
+  function span(className, text) {
+    const node = document.createElement("span");
+    node.className = className;
+    node.textContent = text;
+    return node;
+  }
+
+  function modelItem(m) {
+    const item = document.createElement("li");
+    item.className = "model";
+    item.dataset.modelId = m.id;
+    item.dataset.state = m.state;
+    const badge = span("pill", m.state);
+    badge.dataset.state = m.state;
+    if (m.error) badge.title = m.error;
+    const head = document.createElement("div");
+    head.className = "model-head";
+    head.append(span("model-id", m.id), badge);
+
+    const facts = document.createElement("div");
+    facts.className = "model-facts";
+    facts.append(span("model-kind", m.kind));
+    if (m.remote) facts.append(span("model-size", "remote"));
+    else if (m.size > 0) facts.append(span("model-size", bytes(m.size)));  // 0: not known until loaded
+    if (m.pinned) facts.append(span("model-pinned", "pinned"));
+    if (typeof m.context === "number") facts.append(span("model-context", `${num(m.context)} ctx`));
+    item.append(head, facts);
+
+    if (!m.remote) {
+      const load = document.createElement("div");
+      load.className = "model-load";
+      load.append("running ", span("model-running", num(m.running)),
+                  " \u00b7 waiting ", span("model-waiting", num(m.waiting)),
+                  " \u00b7 tokens ", span("model-generated", num(m.generated)));
+      item.append(load);
+    }
+    if (m.aliases.length) {
+      const aliases = document.createElement("div");
+      aliases.className = "model-aliases";
+      aliases.append("aliases: ", span("model-alias-list", m.aliases.join(", ")));
+      item.append(aliases);
+    }
+    return item;
+  }
+
+  function renderModels(models) {
+    el.modelsCount.textContent = models.length ? `(${models.length})` : "";
+    if (!models.length) {
+      const none = document.createElement("li");
+      none.className = "hint";
+      none.textContent = "The server lists no model.";
+      el.modelsList.replaceChildren(none);
+    } else {
+      el.modelsList.replaceChildren(...models.map(modelItem));
+    }
+    renderPicker(models);
+  }
+
+  // The picker offers chat models only (embedding models cannot chat). It keeps the user's pick
+  // while that model exists; otherwise it settles on the first loaded chat model.
+  function renderPicker(models) {
+    const chatModels = models.filter((m) => m.kind !== "embedding");
+    const ids = chatModels.map((m) => m.id);
+    if (!ids.includes(chat.picked) || chat.pickedBy === "fallback") {
+      const loaded = chatModels.find((m) => m.state === "loaded");
+      chat.picked = loaded ? loaded.id : ids[0] || "";
+      chat.pickedBy = loaded ? "loaded" : "fallback";
+    }
+    const sel = el.modelSelect;
+    const same = sel.options.length === ids.length && ids.every((id, i) => sel.options[i].value === id);
+    if (!same) sel.replaceChildren(...ids.map((id) => new Option(id, id)));  // Option() sets text, not HTML
+    chatModels.forEach((m, i) => {
+      const label = m.state === "loaded" || m.state === "unknown" ? m.id : `${m.id} (${m.state})`;
+      if (sel.options[i].textContent !== label) sel.options[i].textContent = label;
+    });
+    sel.value = chat.picked;
+    sel.disabled = !ids.length;
+    const current = chatModels.find((m) => m.id === chat.picked);
+    showModelHint(current);
+  }
+
+  function showModelHint(m) {
+    const hints = { unloaded: "loads on first use", loading: "loading\u2026", failed: "failed to load" };
+    const text = (m && hints[m.state]) || "";
+    el.modelHint.textContent = text;
+    el.modelHint.hidden = !text;
+  }
+
   // ---- chat playground ---------------------------------------------------------------
 
   async function currentModel() {
-    if (chat.model) return chat.model;
-    const list = await apiJSON("/v1/models");
-    const first = list && Array.isArray(list.data) && list.data[0];
-    if (!first || !first.id) throw new ApiError(503, "The server lists no model.");
-    chat.model = first.id;
-    el.chatModel.textContent = `\u00b7 ${chat.model}`;
-    return chat.model;
+    if (!chat.picked) renderPicker(mergeModels(await apiJSON("/v1/models"), null));
+    if (!chat.picked) throw new ApiError(503, "The server lists no chat model.");
+    return chat.picked;
   }
 
   function showChatError(text) {
@@ -254,6 +370,8 @@
     let failure = null;
     try {
       const model = await currentModel();
+      box.dataset.model = model;
+      box.querySelector(".role").textContent = `Assistant \u00b7 ${model}`;
       const resp = await fetch("/v1/chat/completions", {
         method: "POST",
         headers: authHeaders({ "Content-Type": "application/json", Accept: "text/event-stream" }),
@@ -285,6 +403,7 @@
       chat.controller = null;
       box.removeAttribute("aria-busy");
       setBusy(false);
+      pollStatus();  // the panel shows the model's new state (loaded on demand) and counters now
     }
 
     const aborted = failure && failure.name === "AbortError";
@@ -328,6 +447,13 @@
     }
   });
 
+  el.modelSelect.addEventListener("change", () => {
+    chat.picked = el.modelSelect.value;
+    chat.pickedBy = "user";
+    showModelHint(null);  // the next refresh (now) shows the new model's state
+    pollStatus();
+  });
+
   el.stop.addEventListener("click", () => { if (chat.controller) chat.controller.abort(); });
 
   el.clear.addEventListener("click", () => {
@@ -341,7 +467,6 @@
   el.keyForm.addEventListener("submit", (ev) => {
     ev.preventDefault();
     saveKey(el.key.value.trim());
-    chat.model = "";
     showChatError("");
     pollStatus();
   });

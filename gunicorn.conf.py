@@ -45,7 +45,9 @@ def post_worker_init(worker):
     import gevent
 
     orchard = worker.wsgi.extensions["orchard"]
-    orchard.start_watchdog()
+    # A dead engine: the worker stops accepting (the master keeps the port; the next worker
+    # takes the queued connections), answers what it has, and exits.
+    orchard.start_watchdog(stop_accepting=lambda: setattr(worker, "alive", False))
     stop_worker = worker.handle_exit
 
     def handle_term(sig, frame):

@@ -33,6 +33,7 @@ log = logging.getLogger("orchard.worker")
 STALL_S = 30.0  # engine loop silent this long while it has work: unhealthy
 WATCHDOG_PERIOD_S = 1.0
 EXIT_CODE_ENGINE_DEAD = 70
+EXIT_GRACE_S = 3.0  # a dying worker's in-flight requests get this long to receive their errors
 # Every API's serving class takes (GenerationContext, Settings, Admission, Constraints).
 API_PATHS = {"chat": "/chat/completions", "completions": "/completions", "responses": "/responses",
              "messages": "/messages", "embeddings": "/embeddings"}
@@ -73,6 +74,8 @@ class Orchard:
         self.catalog.register_metrics(self.metrics.registry)
         self.limiter = RateLimiter(settings.rate_limit, settings.token_rate_limit)
         self.draining = False
+        self.dying = False  # the engine died: answering 503 until this worker exits
+        self._stop_accepting: Optional[Callable[[], None]] = None
         self._drainer = None  # the greenlet running _drain, once SIGTERM arrived
         self._services: dict[str, ModelServices] = {}
         from app.api.responses.store import ResponseStore
@@ -91,11 +94,14 @@ class Orchard:
         gevent.spawn(orchard.catalog.unload_idle_models)
         return orchard
 
-    def start_watchdog(self) -> None:
+    def start_watchdog(self, stop_accepting: Optional[Callable[[], None]] = None) -> None:
         """Only in a Gunicorn worker (gunicorn.conf.py): a dead engine ends the process."""
+        self._stop_accepting = stop_accepting
         gevent.spawn(self._watch_engine)
 
     def health(self) -> tuple[bool, str]:
+        if self.dying:
+            return False, "The engine failed; a fresh worker is starting"
         if self.draining:
             return False, "The server is shutting down"
         for engine in self.catalog.engines:  # every model's text side is loaded at start, before serving
@@ -175,6 +181,9 @@ class Orchard:
         raise AssertionError("unreachable: targets() never returns an empty tuple")
 
     def refuse_if_draining(self) -> None:
+        if self.dying:
+            raise APIError(503, "The engine failed; a fresh worker is starting. Retry shortly",
+                           type="server_error", code="engine_unavailable", headers={"Retry-After": "5"})
         if self.draining:
             raise APIError(503, "The server is shutting down; retry on another instance or shortly",
                            type="server_error", code="shutting_down", headers={"Retry-After": "10"})
@@ -227,5 +236,8 @@ class Orchard:
             if (died or self.stalled()) and not self.draining:
                 log.critical("engine %s: exiting so Gunicorn starts a fresh worker",
                              "died" if died else "stalled")
-                gevent.sleep(0.5)  # let failing requests flush their error responses
-                os._exit(EXIT_CODE_ENGINE_DEAD)
+                self.dying = True  # new requests: 503 at once
+                if self._stop_accepting is not None:
+                    self._stop_accepting()  # Gunicorn's worker loop closes its listener and ends
+                gevent.sleep(EXIT_GRACE_S)  # let in-flight requests flush their error responses
+                os._exit(EXIT_CODE_ENGINE_DEAD)  # not ended by then (a stalled engine holds them)

@@ -28,8 +28,9 @@ class StepGroup:
 
         self.group = group
         self.rank, self.size = group.rank(), group.size()
-        # The ring and JACCL run their collectives on the CPU; NCCL on the GPU.
-        self._stream = mx.cpu if backend in ("ring", "jaccl") else mx.default_stream(mx.default_device())
+        # The model's stream (the engine thread's default): the plan's collectives queue behind
+        # the step's, in the same order on every rank.
+        self._stream = mx.default_stream(mx.default_device())
 
     @property
     def is_leader(self) -> bool:

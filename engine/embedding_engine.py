@@ -109,5 +109,5 @@ class EmbeddingEngine(Engine):
             self._publish(ended)
 
 
-def _no_generator(model, max_running):
+def _no_generator(model, max_running, stream=None):
     return None

@@ -220,7 +220,7 @@ class Engine:
             self._host.memory_budget = model.weight_bytes + self._kv_budget_setting  # KV_CACHE_BUDGET, one model
 
     def _start_serving(self, model: LoadedModel) -> None:
-        self._generator = self._generator_factory(model, self._scheduler.max_running)
+        self._generator = self._generator_factory(model, self._scheduler.max_running, self._host.stream)
         if hasattr(self._generator, "keep_prefix"):  # a real model (not the synthetic generator)
             from engine.prompt_scorer import PromptScorer
 
@@ -489,7 +489,7 @@ class Engine:
         failed = [(seq.request_id, _error(exc)) for seq in self._scheduler.running.values()]
         self._scheduler.running.clear()
         self.stats.requests_failed += len(failed)
-        self._generator = self._generator_factory(self.model, self._scheduler.max_running)
+        self._generator = self._generator_factory(self.model, self._scheduler.max_running, self._host.stream)
         self._publish(failed)
 
     def fail_all(self, why: str, finish_reason: str = "error") -> None:

@@ -61,7 +61,7 @@ def model_engine(settings: Settings, source_setting: str, model_id: str, max_run
     sources = []
     engine: Optional[Engine] = None
 
-    def make_generator(model: LoadedModel, max_running: int):
+    def make_generator(model: LoadedModel, max_running: int, stream=None):
         if settings.load_format == "synthetic":
             from engine.synthetic import SyntheticGenerator, text_tokens
 
@@ -72,7 +72,7 @@ def model_engine(settings: Settings, source_setting: str, model_id: str, max_run
                          prefill_batch_size=settings.prefill_batch_size,
                          prefill_step_size=settings.prefill_step_size,
                          prefix_cache_bytes=_UNBOUNDED if settings.prefix_cache_cap is None else settings.prefix_cache_cap,
-                         grammar_tokenizer=model.grammar_tokenizer)
+                         grammar_tokenizer=model.grammar_tokenizer, stream=stream)
 
     def preload() -> None:
         _preload(settings, sources, source_setting, model_id)()

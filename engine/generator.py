@@ -30,14 +30,17 @@ class Generator:
 
     def __init__(self, model, eos_token_ids: Iterable[int], *, max_batch: int,
                  prefill_batch_size: int, prefill_step_size: int, prefix_cache_bytes: int = 0,
-                 grammar_tokenizer=None):
+                 grammar_tokenizer=None, stream=None):
         self._model = model
         self._prefill_step = prefill_step_size
         self._grammar_tokenizer = grammar_tokenizer  # llguidance's view of the vocabulary, or None
         self._logprobs: dict[int, int] = {}  # uid -> top-k of rows that asked for logprobs
         self.prefill_tokens_saved = 0  # prompt tokens not recomputed thanks to shared prefills
         self._eos = tuple(sorted(set(eos_token_ids)))
-        self._stream = mx.new_stream(mx.default_device())
+        # Its own stream, except in a distributed group: there every op with a collective in it
+        # (this batch's, the prompt scorer's, the host's plan) must run on one stream, in one
+        # order on every rank; two streams would interleave their collectives on the sockets.
+        self._stream = stream or mx.new_stream(mx.default_device())
         self._batch = BatchGenerator(
             model,
             stop_tokens=[[t] for t in self._eos],

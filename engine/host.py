@@ -36,6 +36,7 @@ class EngineHost:
         self.engines = list(engines)
         self._join_group = join_group  # () -> engine.distributed.StepGroup, for one model across ranks
         self.group = None
+        self.stream = None  # in a group: the one stream every rank's model runs on
         self._unapplied: list = []  # taken from the inbox when the loop ended, never applied
         self.inbox = _queue.SimpleQueue()
         self.bridge: Optional[OutputBridge] = None
@@ -103,7 +104,11 @@ class EngineHost:
         """Join the group (if any); every model's text side (tokenizer, limits); pinned models'
         weights too. Then the budget."""
         if self._join_group is not None:
+            import mlx.core as mx
+
             self.group = self._join_group()  # blocks until every rank is there
+            # One stream for everything with a collective in it (see engine/generator.py).
+            self.stream = mx.default_stream(mx.default_device())
         for engine in self.engines:
             engine.open(with_weights=engine.pinned)
         if self.memory_budget is None:  # auto: what is loaded now plus the KV share of what is left
@@ -129,8 +134,10 @@ class EngineHost:
         In a group, the leader's messages are the plan every rank applies."""
         plan = self._collect(block) if self.group is None or self.group.is_leader else None
         if self.group is not None:
+            self._unapplied = plan or []  # a lost group raises in share(): these still get their ends
             indexed = None if plan is None else [(self.engines.index(e) if e is not None else -1, m) for e, m in plan]
             plan = [(self.engines[i] if i >= 0 else None, m) for i, m in self.group.share(indexed)]
+            self._unapplied = []
         for position, (engine, message) in enumerate(plan):
             if isinstance(message, Shutdown):
                 for e in self.engines:

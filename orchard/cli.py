@@ -59,12 +59,15 @@ def _serve(args) -> int:
         if getattr(args, name):
             os.environ[name.upper()] = str(getattr(args, name))
     settings = _settings()  # fail here, with a readable message, before Gunicorn starts
-    _prepare(settings)  # fetch/convert now, with progress, so the worker starts fast
-    gunicorn = [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "gunicorn.conf.py")]
     if settings.distributed_rank > 0:  # a follower rank of a distributed group: no web side
+        from engine import blas
         from orchard.group import run_follower
 
+        blas.activate(settings.blas)  # this process loads the model: before anything imports mlx
+        _prepare(settings)
         return run_follower(settings)
+    _prepare(settings)  # fetch/convert now, with progress, so the worker starts fast
+    gunicorn = [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "gunicorn.conf.py")]
     if args.ranks > 1:
         from orchard.group import loopback_hostfile, supervise
 

@@ -58,7 +58,7 @@ def supervise(ranks: int, hostfile: Path, serve_argv: list[str]) -> int:
     """Start rank 0 (`serve_argv`, i.e. Gunicorn) and the followers; restart followers that
     exit; stop everything when rank 0 exits or on SIGTERM/SIGINT."""
     base = {**os.environ, "DISTRIBUTED_HOSTFILE": str(hostfile)}
-    leader = subprocess.Popen(serve_argv, env={**base, "DISTRIBUTED_RANK": "0"})
+    leader = subprocess.Popen(serve_argv, env={**base, "DISTRIBUTED_RANK": "0"}, preexec_fn=_die_with_parent)
     followers = {rank: _start_follower(base, rank) for rank in range(1, ranks)}
     stopping = []
 
@@ -91,4 +91,13 @@ def supervise(ranks: int, hostfile: Path, serve_argv: list[str]) -> int:
 
 
 def _start_follower(env: dict, rank: int) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "orchard.cli", "serve"], env={**env, "DISTRIBUTED_RANK": str(rank)})
+    return subprocess.Popen([sys.executable, "-m", "orchard.cli", "serve"], env={**env, "DISTRIBUTED_RANK": str(rank)},
+                            preexec_fn=_die_with_parent)
+
+
+def _die_with_parent() -> None:
+    """Linux: a rank gets SIGTERM when its supervisor dies, so no rank outlives the group."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG

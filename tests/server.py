@@ -32,7 +32,9 @@ def free_port() -> int:
 class ServerProcess:
     """Starts `gunicorn -c gunicorn.conf.py`, waits for /health, stops with SIGTERM."""
 
-    def __init__(self, env: dict[str, str], log_path: Path):
+    def __init__(self, env: dict[str, str], log_path: Path, argv: list[str] | None = None):
+        # argv: what to start instead of Gunicorn (e.g. `orchard serve --ranks 2`)
+        self.argv = argv or [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "gunicorn.conf.py")]
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         # gevent's monitor thread reports any greenlet that blocks the event loop > 100 ms.
@@ -44,8 +46,7 @@ class ServerProcess:
 
     def start(self, timeout: float = 180.0) -> "ServerProcess":
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", str(ROOT / "gunicorn.conf.py")],
-                                     cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
+        self.proc = subprocess.Popen(self.argv, cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
                                      preexec_fn=_die_with_parent)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -14,67 +14,105 @@ same, and the ring re-forms when every rank is back (`mx.distributed.init` waits
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import pickle
+import socket
+import struct
+import time
 from typing import Optional
 
 log = logging.getLogger("orchard.engine")
 
 
 class StepGroup:
-    def __init__(self, group, backend: str):
-        import mlx.core as mx
+    """This rank's view of the group: MLX's group (the model's collectives) and the plan channel,
+    a TCP connection from the leader to each follower. Plans travel there, not through MLX
+    collectives: a collective would have to wait for the step in flight on the device (one more
+    host sync per step, no pipelining), while the plan only has to arrive before the follower's
+    next turn; the model's own collectives keep the ranks in lockstep."""
 
+    def __init__(self, group, plan_address: tuple[str, int], timeout_s: float = 300.0):
         self.group = group
         self.rank, self.size = group.rank(), group.size()
-        # The model's stream (the engine thread's default): the plan's collectives queue behind
-        # the step's, in the same order on every rank.
-        self._stream = mx.default_stream(mx.default_device())
+        self._peers: list[socket.socket] = []
+        if self.size > 1:
+            self._connect(plan_address, timeout_s)
 
     @property
     def is_leader(self) -> bool:
         return self.rank == 0
 
+    def _connect(self, address: tuple[str, int], timeout_s: float) -> None:
+        if self.is_leader:
+            with socket.create_server(address, reuse_port=False) as server:
+                server.settimeout(timeout_s)
+                while len(self._peers) < self.size - 1:
+                    peer, _ = server.accept()
+                    peer.settimeout(None)
+                    peer.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    self._peers.append(peer)
+            return
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                peer = socket.create_connection(address, timeout=5)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)  # the leader's listener is not up yet
+        peer.settimeout(None)
+        self._peers.append(peer)
+
     def share(self, plan: Optional[list]) -> list:
-        """Rank 0's plan, on every rank (followers pass None). Two sums: the length, then the
-        bytes (followers add zeros); an empty plan costs one small collective."""
-        import mlx.core as mx
-        import numpy as np
+        """Rank 0's plan, on every rank (followers pass None and wait for it)."""
+        if self.size == 1:
+            return plan or []
+        if self.is_leader:
+            payload = pickle.dumps(plan, protocol=pickle.HIGHEST_PROTOCOL) if plan else b""
+            frame = struct.pack("!I", len(payload)) + payload
+            for peer in self._peers:
+                peer.sendall(frame)
+            return plan or []
+        (size,) = struct.unpack("!I", self._read(4))
+        return pickle.loads(self._read(size)) if size else []
 
-        payload = pickle.dumps(plan, protocol=pickle.HIGHEST_PROTOCOL) if self.is_leader and plan else b""
-        with mx.stream(self._stream):
-            length = mx.distributed.all_sum(mx.array([len(payload)], dtype=mx.int64), group=self.group)
-            mx.eval(length)
-            size = int(length.item())
-            if size == 0:
-                return []
-            data = np.frombuffer(payload, dtype=np.uint8) if self.is_leader else np.zeros(size, dtype=np.uint8)
-            total = mx.distributed.all_sum(mx.array(data), group=self.group)
-            mx.eval(total)
-        return plan if self.is_leader else pickle.loads(np.array(total, copy=False).tobytes())
+    def _read(self, size: int) -> bytes:
+        chunks, left = [], size
+        while left:
+            chunk = self._peers[0].recv(min(left, 1 << 20))
+            if not chunk:
+                raise RuntimeError("the leader closed the plan channel: the group is lost")
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
 
-    def check_same(self, value: int) -> None:
-        """Raise unless every rank holds the same `value` (a cheap guard that ranks are in step)."""
-        import mlx.core as mx
 
-        with mx.stream(self._stream):
-            total = mx.distributed.all_sum(mx.array([value, 1], dtype=mx.int64), group=self.group)
-            mx.eval(total)
-        summed, ranks = (int(x) for x in total.tolist())
-        if summed != value * ranks:
-            raise RuntimeError(f"ranks are out of step: rank {self.rank} holds {value}, the group sums {summed}")
+def plan_address(hostfile: str) -> tuple[str, int]:
+    """The leader's plan channel: rank 0's host, its group port + 1 (documented beside the hostfile)."""
+    hosts = json.loads(open(hostfile).read())
+    first = hosts[0][0] if isinstance(hosts[0], list) else hosts[0]
+    host, _, port = first.rpartition(":")
+    return host, int(port) + 1
 
 
 def join(hostfile: str, rank: int, backend: str) -> StepGroup:
-    """Join the group (blocks until every rank is there). MLX reads its launch environment."""
+    """Join the group (blocks until every rank is there). MLX reads its launch environment:
+    the ring and JACCL the hostfile itself; NCCL the address of rank 0 (the hostfile's first
+    entry) and the world size."""
     import mlx.core as mx
 
     os.environ["MLX_HOSTFILE"] = hostfile
     os.environ["MLX_RANK"] = str(rank)
+    if backend == "nccl":
+        hosts = json.loads(open(hostfile).read())
+        host, port = plan_address(hostfile)
+        os.environ.update(NCCL_HOST_IP=host, NCCL_PORT=str(port - 1), MLX_WORLD_SIZE=str(len(hosts)))
     group = mx.distributed.init(strict=True, backend=backend)
     log.info("joined the %s group as rank %d of %d", backend, group.rank(), group.size())
-    return StepGroup(group, backend)
+    return StepGroup(group, plan_address(hostfile))
 
 
 def shard(model, group) -> str:

@@ -23,21 +23,23 @@ def load(source: ModelSource, load_format: str = "weights", with_weights: bool =
     from mlx.utils import tree_flatten
     from mlx_lm.utils import load as mlx_load
 
+    split = group is not None and group.size > 1
     if not with_weights:
         path = Path(source.location) if source.is_local else _local_copy(source.location)
         model, tokenizer, config = _load_dummy(path, build=False)
+        split = False
     elif load_format == "dummy":
         model, tokenizer, config = _load_dummy(Path(source.location))
     elif load_format == "synthetic":  # HTTP-path benchmark: tokenizer and config, no weights
         model, tokenizer, config = _load_dummy(Path(source.location), build=False)
-    elif group is not None and group.size > 1:
+        split = False
+    else:  # lazily: in a group each rank reads only its part of the weights
+        model, tokenizer, config = mlx_load(source.location, return_config=True, lazy=split)
+    if split:
         from engine.distributed import shard
 
-        model, tokenizer, config = mlx_load(source.location, return_config=True, lazy=True)
-        how = shard(model, group.group)  # before the weights are read: each rank loads its part
+        how = shard(model, group.group)
         logging.getLogger("orchard.engine").info("%s split across %d ranks: %s", source.model_id, group.size, how)
-    else:
-        model, tokenizer, config = mlx_load(source.location, return_config=True)
     params = tree_flatten(model.parameters())
     mx.eval([p for _, p in params])
     dtypes = {str(p.dtype).replace("mlx.core.", "") for _, p in params}
@@ -74,6 +76,7 @@ def _load_dummy(path: Path, build: bool = True):
 
     config = json.loads((path / "config.json").read_text())
     if build:
+        mx.random.seed(0)  # the same random weights in every process: ranks and runs compare
         model_class, args_class = _get_classes(config)
         model = model_class(args_class.from_dict(config))
         model.set_dtype(getattr(mx, config.get("torch_dtype", "float32"), mx.float32))

@@ -71,7 +71,8 @@ def _serve(args) -> int:
     if args.ranks > 1:
         from orchard.group import loopback_hostfile, supervise
 
-        return supervise(args.ranks, loopback_hostfile(args.ranks, settings.cache_dir / "groups"), gunicorn)
+        return supervise(args.ranks, loopback_hostfile(args.ranks, settings.cache_dir / "groups"), gunicorn,
+                         settings.distributed_backend)
     os.execv(sys.executable, gunicorn)
     return 0
 

@@ -42,24 +42,37 @@ def run_follower(settings) -> int:
 
 
 def loopback_hostfile(ranks: int, folder: Path) -> Path:
-    """MLX's ring hostfile for `ranks` processes on this machine (one free port each)."""
-    ports = []
-    for _ in range(ranks):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            ports.append(s.getsockname()[1])
+    """MLX's ring hostfile for `ranks` processes on this machine: a free port each, and rank 0's
+    next port free too (the plan channel, engine/distributed.py)."""
+    ports = [_free_port(pair=True)] + [_free_port() for _ in range(ranks - 1)]
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"group-{os.getpid()}.json"
     path.write_text(json.dumps([[f"127.0.0.1:{port}"] for port in ports]))
     return path
 
 
-def supervise(ranks: int, hostfile: Path, serve_argv: list[str]) -> int:
+def _free_port(pair: bool = False) -> int:
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+            if not pair:
+                return port
+            try:
+                with socket.socket() as t:
+                    t.bind(("127.0.0.1", port + 1))
+                return port
+            except OSError:
+                continue
+
+
+def supervise(ranks: int, hostfile: Path, serve_argv: list[str], backend: str = "ring") -> int:
     """Start rank 0 (`serve_argv`, i.e. Gunicorn) and the followers; restart followers that
     exit; stop everything when rank 0 exits or on SIGTERM/SIGINT."""
-    base = {**os.environ, "DISTRIBUTED_HOSTFILE": str(hostfile)}
-    leader = subprocess.Popen(serve_argv, env={**base, "DISTRIBUTED_RANK": "0"}, preexec_fn=_die_with_parent)
-    followers = {rank: _start_follower(base, rank) for rank in range(1, ranks)}
+    base = {**os.environ, "DISTRIBUTED_HOSTFILE": str(hostfile), "DISTRIBUTED_BACKEND": backend}
+    one_gpu_each = backend == "nccl"
+    leader = subprocess.Popen(serve_argv, env={**base, **_rank_env(0, one_gpu_each)}, preexec_fn=_die_with_parent)
+    followers = {rank: _start_follower(base, rank, one_gpu_each) for rank in range(1, ranks)}
     stopping = []
 
     def stop(signum, _frame):
@@ -75,7 +88,7 @@ def supervise(ranks: int, hostfile: Path, serve_argv: list[str]) -> int:
                     print(f"orchard: rank {rank} exited ({process.returncode}); starting it again",
                           file=sys.stderr, flush=True)
                     time.sleep(RESTART_DELAY_S)
-                    followers[rank] = _start_follower(base, rank)
+                    followers[rank] = _start_follower(base, rank, one_gpu_each)
             time.sleep(0.2)
     finally:
         for process in followers.values():
@@ -90,9 +103,14 @@ def supervise(ranks: int, hostfile: Path, serve_argv: list[str]) -> int:
     return leader.returncode or 0
 
 
-def _start_follower(env: dict, rank: int) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "orchard.cli", "serve"], env={**env, "DISTRIBUTED_RANK": str(rank)},
+def _start_follower(env: dict, rank: int, one_gpu_each: bool) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "orchard.cli", "serve"], env={**env, **_rank_env(rank, one_gpu_each)},
                             preexec_fn=_die_with_parent)
+
+
+def _rank_env(rank: int, one_gpu_each: bool) -> dict:
+    """A rank's own variables: its number; with NCCL on one host, its own GPU."""
+    return {"DISTRIBUTED_RANK": str(rank), **({"CUDA_VISIBLE_DEVICES": str(rank)} if one_gpu_each else {})}
 
 
 def _die_with_parent() -> None:

@@ -5,6 +5,7 @@
 # how in one line. Never fails: Orchard runs without it, only slower.
 # Usage: scripts/install-openblas.sh [python]   (the venv's python, to ask engine/blas.py)
 PYTHON=${1:-python3}
+case $0 in */*) cd "${0%/*}/.." || true ;; esac  # the repository root, for engine.blas
 [ "$(uname -s)" = Linux ] || exit 0
 [ "${ORCHARD_BLAS:-auto}" = auto ] || exit 0
 "$PYTHON" -m engine.blas 2>/dev/null && exit 0   # already installed

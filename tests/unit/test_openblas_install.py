@@ -2,7 +2,6 @@
 machine, with stub commands on PATH; it never fails."""
 from __future__ import annotations
 
-import os
 import stat
 import subprocess
 from pathlib import Path

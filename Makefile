@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: run run-distributed test test-fast setup model bench clean
+.PHONY: run run-distributed test test-fast setup openblas model bench clean
 
 $(BIN)/orchard: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -11,7 +11,12 @@ $(BIN)/orchard: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
 	touch $@
 
-setup: $(BIN)/orchard
+setup: $(BIN)/orchard openblas
+
+# Linux: MLX's CPU wheel bundles a slow reference BLAS; install Debian's OpenBLAS where we can
+# (root or passwordless sudo), else say how. Never fails; a no-op once it is there or on macOS.
+openblas: $(BIN)/orchard
+	@scripts/install-openblas.sh $(BIN)/python
 
 model: setup
 	$(BIN)/orchard model prepare

@@ -9,6 +9,7 @@ import time
 import gevent
 import psutil
 
+from engine import blas
 from engine.engine import Engine
 
 WINDOW_S = 60
@@ -60,6 +61,7 @@ class StatusReporter:
         tps_10, rps_10 = self._meter.rates(10)
         tps_60, rps_60 = self._meter.rates(WINDOW_S)
         mem = self._process.memory_info()
+        blas_now = blas.describe()  # what MLX's matmuls bind to, asked of the dynamic linker
         return {
             "object": "system.status",
             "version": self._version,
@@ -87,6 +89,7 @@ class StatusReporter:
             "limits": {"max_concurrent_requests": self._settings.max_concurrent_requests,
                        "request_queue_size": self._settings.request_queue_size,
                        "max_tokens_limit": self._settings.max_tokens_limit},
-            "backend": {"platform": f"{platform.system()} {platform.machine()}", "blas": engine.blas},
+            "backend": {"platform": f"{platform.system()} {platform.machine()}", "blas": engine.blas,
+                        "blas_fast": blas_now["fast"], "blas_threads": blas_now["threads"]},
             "models": self._catalog.report() if self._catalog is not None else [],
         }

@@ -1,7 +1,8 @@
 """Chat completions at the edge: a validated request becomes one GenerationRequest; the
 Generation's events become OpenAI's chat.completion body or its chunk stream.
 
-Runs on the request's greenlet. Template rendering and tokenization happen here, outside
+Runs on the request's greenlet. Template rendering and tokenization happen here (long prompts in a
+worker thread, `app/text/offload.py`, so the event loop keeps serving), outside
 the engine step, so the engine thread only ever sees token ids.
 """
 from __future__ import annotations
@@ -19,7 +20,7 @@ from app.generation.events import ChoiceDone, FinishReason, TextDelta, ToolCallE
 from app.generation.generation import Generation
 from app.generation.request import GenerationRequest
 from app.sse import SSE_DONE, SSE_KEEPALIVE, sse
-from app.text.chat_prompt import render_prompt
+from app.text import offload
 
 
 class ChatServing(Serving):
@@ -38,7 +39,7 @@ class ChatServing(Serving):
         tools = body.tools if body.tools and body.tool_choice != "none" else None
         plan = self.constraints.plan(output_spec(body))
         messages = [_message(m) for m in body.messages]
-        prompt = render_prompt(self.ctx.text, messages, body.tool_definitions() if tools else None)
+        prompt = offload.render(self.ctx.text, messages, body.tool_definitions() if tools else None)
         param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         max_tokens = self.admission.max_tokens(body.requested_max_tokens, param, len(prompt))
         self.admission.admit(len(prompt), max_tokens, n, client)

@@ -18,6 +18,7 @@ from app.generation.events import ChoiceDone, FinishReason, LogprobEntry, Prompt
 from app.generation.generation import Generation
 from app.generation.request import GenerationRequest
 from app.sse import SSE_DONE, SSE_KEEPALIVE, sse
+from app.text import offload
 
 
 class CompletionsServing(Serving):
@@ -44,7 +45,7 @@ class CompletionsServing(Serving):
         if isinstance(prompt, str):
             if not prompt:
                 raise bad_request("A prompt is empty", param="prompt")
-            return self.ctx.text.encode(prompt, param="prompt")
+            return offload.encode(self.ctx.text, prompt, "prompt")
         self.admission.check_token_ids(prompt, "prompt")
         return list(prompt)
 

@@ -7,6 +7,7 @@ import uuid
 
 from app.api.embeddings.protocol import EmbeddingRequest, check_dimensions, embedding_response
 from app.errors import APIError, bad_request, overloaded
+from app.text import offload
 from config import Settings
 from engine.messages import EmbedRequest, Embedded
 
@@ -19,7 +20,7 @@ class EmbeddingsServing:
         self._context, self._vocab = model.context_length, model.vocab_size
 
     def create(self, body: EmbeddingRequest, client: str) -> dict:
-        inputs = body.token_inputs(lambda text: self._tokenizer.encode(text))
+        inputs = body.token_inputs(lambda text: offload.tokenize(self._tokenizer, text))
         self._check(inputs, body)
         tokens = sum(len(ids) for ids in inputs)
         if self._limiter is not None and self._limiter.enabled:

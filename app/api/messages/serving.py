@@ -17,7 +17,7 @@ from app.generation.events import ChoiceDone, FinishReason, TextDelta
 from app.generation.generation import Choice, Generation
 from app.generation.request import GenerationRequest
 from app.sse import sse
-from app.text.chat_prompt import render_prompt
+from app.text import offload
 from app.text.tool_parsers import ToolCallDelta
 
 # ERROR is no stop reason: it becomes an error response or an `error` event. ABORT (the server
@@ -122,14 +122,14 @@ def _input(arguments: str) -> dict:
 class MessagesServing(Serving):
     def count_tokens(self, body: CountTokensRequest) -> dict:
         self.admission.resolve_model(body.model)
-        return {"input_tokens": len(render_prompt(self.ctx.text, body.chat_messages(), body.tool_definitions()))}
+        return {"input_tokens": len(offload.render(self.ctx.text, body.chat_messages(), body.tool_definitions()))}
 
     def prepare(self, body: MessagesRequest, client: str, request_id: str) -> GenerationRequest:
         """Validate against the model and the server's limits; nothing is queued yet."""
         self.admission.resolve_model(body.model)
         plan = self.constraints.plan(body.output_spec())
         messages = body.chat_messages()
-        prompt = render_prompt(self.ctx.text, messages, body.tool_definitions())
+        prompt = offload.render(self.ctx.text, messages, body.tool_definitions())
         # max_tokens is a cap (Claude Code asks 32000-128000 whatever the model): generation stops
         # where the context, memory or MAX_TOKENS_LIMIT end it, with stop_reason max_tokens.
         cap = self.admission.cap_tokens(body.max_tokens, len(prompt))

@@ -23,7 +23,7 @@ from app.generation.events import ChoiceDone, FinishReason, TextDelta, ToolCallE
 from app.generation.generation import Generation, GenerationContext
 from app.generation.request import GenerationRequest
 from app.sse import SSE_KEEPALIVE, sse
-from app.text.chat_prompt import render_prompt
+from app.text import offload
 from app.text.tool_parsers import ToolCallDelta
 from config import Settings
 
@@ -57,7 +57,7 @@ class ResponsesServing(Serving):
         system = [{"role": "system", "content": body.instructions}] if body.instructions else []
         plan = self.constraints.plan(body.output_spec())
         tools = tool_definitions(body) if body.tool_choice != "none" else None
-        prompt = render_prompt(self.ctx.text, system + messages, tools or None)
+        prompt = offload.render(self.ctx.text, system + messages, tools or None)
         # max_output_tokens is a cap, not a demand; not given keeps Admission's default.
         asked = body.max_output_tokens
         cap = None if asked is None else self.admission.cap_tokens(asked, len(prompt))

@@ -52,7 +52,7 @@ def run_server(ranks: int, args, model_dir: Path, out: Path) -> dict:
     proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
-        wait_healthy(base, proc, timeout=900)
+        wait_healthy(base, proc, timeout=args.start_timeout)
         answers = greedy_answers(base, args.shape, args.greedy_tokens)
 
         def bench(name: str) -> dict:
@@ -83,6 +83,7 @@ def main() -> int:
     parser.add_argument("--max-running", type=int, default=128)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--tokenizer", type=Path, help="tokenizer folder (default: the built-in one)")
+    parser.add_argument("--start-timeout", type=float, default=300.0, help="seconds for a server to become healthy")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench-results")))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -90,7 +91,10 @@ def main() -> int:
 
     model_dir = write_random_model(Path(f"/tmp/orchard-dist-{args.shape}"), args.shape, weights=False,
                                    dtype=args.dtype, tokenizer_from=args.tokenizer)
-    runs = {str(ranks): run_server(ranks, args, model_dir, args.out) for ranks in (1, args.ranks)}
+    runs = {}
+    for ranks in (1, args.ranks):  # each written as soon as it is done: a cut run keeps what it had
+        runs[str(ranks)] = run_server(ranks, args, model_dir, args.out)
+        (args.out / f"run-{ranks}-ranks.json").write_text(json.dumps(runs[str(ranks)], indent=1))
     one, many = runs["1"], runs[str(args.ranks)]
     same = [a == b for a, b in zip(one["answers"], many["answers"])]
     prefix = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))

@@ -12,6 +12,15 @@ _gunicorn_util.write_error = write_raw_error
 
 _settings = load_settings()
 
+if _settings.distributed_rank > 0:
+    # A follower rank of a distributed group has no web side: the same service unit (systemd,
+    # launchd) runs on every rank, and on ranks > 0 this process becomes `orchard serve`'s
+    # follower instead (same PID, so the service manager keeps watching it).
+    import os as _os
+    import sys as _sys
+
+    _os.execv(_sys.executable, [_sys.executable, "-m", "orchard.cli", "serve"])
+
 bind = f"{_settings.host}:{_settings.port}"
 # Exactly one worker: the engine owns the device and the model is loaded once. Several
 # processes would each load the model, and on a Mac they collide in Metal (the seed's

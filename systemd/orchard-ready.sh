@@ -7,6 +7,11 @@
 # TimeoutStartSec kills it). HOST and PORT come from the unit's environment.
 set -euo pipefail
 
+# A follower rank of a distributed group (DISTRIBUTED_RANK > 0) serves no HTTP: nothing to wait for.
+if [[ "${DISTRIBUTED_RANK:-0}" != "0" ]]; then
+    exit 0
+fi
+
 timeout_s="${1:-${ORCHARD_READY_TIMEOUT:-0}}"
 interval_s="${ORCHARD_READY_INTERVAL:-1}"
 host="${HOST:-127.0.0.1}"

@@ -55,6 +55,10 @@ class StatusReporter:
         self._process.cpu_percent(None)  # prime: the first reading is always 0
         self._started = time.time()
 
+    def _total(self, read) -> int:
+        engines = self._catalog.engines if self._catalog is not None else [self._engine]
+        return sum(read(e) for e in engines)
+
     def report(self) -> dict:
         engine, s = self._engine, self._engine.stats
         model = engine.model
@@ -71,10 +75,13 @@ class StatusReporter:
             "model": None if model is None else {
                 "id": model.model_id, "context_length": model.context_length, "dtype": model.dtype,
                 "weight_bytes": model.weight_bytes},
-            "requests": {"running": engine.running, "waiting": engine.waiting,
-                         "finished": s.requests_finished, "failed": s.requests_failed},
-            "tokens": {"prompt": s.prompt_tokens, "prompt_cached": s.cached_prompt_tokens,
-                       "generated": s.generated_tokens,
+            # requests and tokens: every model's together (the first model's own are in `models`)
+            "requests": {"running": self._total(lambda e: e.running), "waiting": self._total(lambda e: e.waiting),
+                         "finished": self._total(lambda e: e.stats.requests_finished),
+                         "failed": self._total(lambda e: e.stats.requests_failed)},
+            "tokens": {"prompt": self._total(lambda e: e.stats.prompt_tokens),
+                       "prompt_cached": self._total(lambda e: e.stats.cached_prompt_tokens),
+                       "generated": self._total(lambda e: e.stats.generated_tokens),
                        "per_second_10s": round(tps_10, 2), "per_second_60s": round(tps_60, 2),
                        "requests_per_second_60s": round(rps_60, 3)},
             "batch": {"current": s.current_batch, "max_seen": s.max_batch_seen, "steps": s.steps,

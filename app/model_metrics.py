@@ -17,7 +17,7 @@ class ModelCollector:
     def collect(self):
         state = GaugeMetricFamily("orchard:model_state", "1 for the model's current state", labels=["model", "state"])
         gauges = {name: GaugeMetricFamily(f"orchard:model_{name}", doc, labels=["model"]) for name, doc in (
-            ("weight_bytes", "Bytes of the model's weights (an estimate until loaded)"),
+            ("size_bytes", "Bytes of the model's weights (an estimate until loaded)"),
             ("requests_running", "The model's sequences in its running batch"),
             ("requests_waiting", "The model's requests waiting for a slot or a load"),
             ("generation_tokens", "Tokens the model generated"),
@@ -28,7 +28,7 @@ class ModelCollector:
                 state.add_metric([row["id"], name], 1.0 if row["state"] == name else 0.0)
             if "weight_bytes" not in row:
                 continue
-            values = {"weight_bytes": row["weight_bytes"], "requests_running": row["running"],
+            values = {"size_bytes": row["weight_bytes"], "requests_running": row["running"],
                       "requests_waiting": row["waiting"], "generation_tokens": row["generated_tokens"],
                       "loads": row["loads"], "unloads": row["unloads"]}
             for name, value in values.items():

@@ -42,6 +42,14 @@ SERVINGS = {"completions": "app.api.completions.serving:CompletionsServing",
             "messages": "app.api.messages.serving:MessagesServing"}
 
 
+def remote_cost(raw: bytes, body: dict, default_max_tokens: int) -> int:
+    """Tokens a forwarded request is charged against TOKEN_RATE_LIMIT: its prompt estimated at
+    4 bytes a token (the upstream has the tokenizer) plus the completion it may ask for."""
+    asked = next((body[k] for k in ("max_completion_tokens", "max_tokens", "max_output_tokens")
+                  if isinstance(body.get(k), int)), default_max_tokens)
+    return len(raw) // 4 + max(asked, 0)
+
+
 class ModelServices:
     """One local chat model's serving objects: built once its text side is loaded, shared by
     every API (one GenerationContext, one Admission, one Constraints)."""
@@ -171,7 +179,10 @@ class Orchard:
                 if entry.is_remote:
                     from flask import g
 
-                    return self.catalog.remote(entry.id).forward(API_PATHS[api], json.loads(raw), stream=stream,
+                    body = json.loads(raw)
+                    if self.limiter.enabled:  # the upstream tokenizes; charge what the request could cost
+                        self.limiter.charge(g.client_id, remote_cost(raw, body, self.settings.default_max_tokens))
+                    return self.catalog.remote(entry.id).forward(API_PATHS[api], body, stream=stream,
                                                                   request_id=g.request_id)
                 return local(self.serving(api, entry.id))
             except APIError as exc:

@@ -18,7 +18,7 @@ import sys
 import urllib.request
 from pathlib import Path
 
-from bench.gpu_suite import wait_healthy
+from bench.gpu_suite import engine_time_split, status_of, wait_healthy
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = [f"Tell me about {w}" for w in ("apples", "rivers", "the moon", "bread", "trains", "winter", "cats", "music")]
@@ -55,17 +55,22 @@ def run_server(ranks: int, args, model_dir: Path, out: Path) -> dict:
         wait_healthy(base, proc, timeout=args.start_timeout)
         answers = greedy_answers(base, args.shape, args.greedy_tokens)
 
-        def bench(name: str) -> dict:
+        def bench(name: str, levels: str) -> dict:
             path = out / f"bench-{ranks}-ranks-{name}.json"
-            subprocess.run([sys.executable, "-m", "bench", "--url", base + "/v1", "--concurrency", args.levels,
+            subprocess.run([sys.executable, "-m", "bench", "--url", base + "/v1", "--concurrency", levels,
                             "--max-tokens", str(args.max_tokens), "--quiet", "--json", str(path)],
                            cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
             doc = json.loads(path.read_text())
             path.unlink()  # raw records stay out of the results: the summary is what is kept
             return {str(level["summary"]["concurrency"]): level["summary"] for level in doc["levels"]}
 
-        bench("warmup")
-        return {"answers": answers, "levels": bench("measured")}
+        bench("warmup", args.levels)
+        measured = {}
+        for level in args.levels.split(","):  # one call per level: the engine's time splits by level
+            before = status_of(base)
+            measured.update(bench(f"c{level}", level))
+            measured[level]["engine"] = engine_time_split(before, status_of(base))
+        return {"answers": answers, "levels": measured}
     finally:
         proc.terminate()
         proc.wait(120)

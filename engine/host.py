@@ -173,21 +173,22 @@ class EngineHost:
 
     def rebalance(self) -> None:
         """Each model's KV room is what the budget leaves after the weights and the other models'
-        reservations (for a model not loaded: after its own weights, counting idle models as
-        evictable); the prefix caches share what nobody has reserved. Runs when anything joins,
-        finishes, loads or unloads, not on every step."""
+        reservations; the prefix caches share what nobody has reserved. A model not loaded is
+        offered what it could have once every unpinned model is idle and evicted: a request that
+        fits that waits for its load (bounded by the web side), one that does not is refused at
+        once. Runs when anything joins, finishes, loads or unloads, not on every step."""
         budget = self.memory_budget
         if budget is None:
             return
         holding = [e for e in self.engines if e.holds_memory]
         weights = sum(e.weight_bytes for e in holding)
-        staying = sum(e.weight_bytes for e in holding if not e.evictable)
+        pinned = sum(e.weight_bytes for e in holding if e.pinned)
         reserved = sum(e.reserved_bytes for e in holding)
         for engine in self.engines:
             if engine.holds_memory:
                 room = budget - weights - (reserved - engine.reserved_bytes)
             else:
-                room = budget - staying - engine.weight_bytes - reserved
+                room = budget - pinned - engine.weight_bytes
             engine.set_kv_room(max(room, 0))
         free = max(budget - weights - reserved, 0)
         for engine in holding:

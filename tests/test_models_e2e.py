@@ -289,8 +289,8 @@ def tight(orchard_home, tiny_model_dir, tmp_path_factory):
         '{id: smol-a, source: embedded}',
         '{id: smol-b, source: embedded}',
     ])
-    server = ServerProcess({"MODELS_FILE": models, "ORCHARD_HOME": orchard_home, "MEMORY_BUDGET": "700MiB"},
-                           folder / "server.log").start()
+    server = ServerProcess({"MODELS_FILE": models, "ORCHARD_HOME": orchard_home, "MEMORY_BUDGET": "700MiB",
+                            "QUEUE_TIMEOUT": "4"}, folder / "server.log").start()
     yield server
     assert_never_blocked(server)
     server.stop()
@@ -314,3 +314,32 @@ def test_loading_evicts_the_least_recently_used_idle_model_and_never_cuts_a_stre
     assert models["smol-a"]["state"] == "unloaded" and models["smol-b"]["state"] == "loaded"
     assert models["tiny"]["state"] == "loaded"
     assert "evicting idle model smol-a to load smol-b" in tight.full_log()
+
+
+def test_a_load_that_would_cut_a_running_stream_waits_then_503s_and_the_stream_ends_whole(tight):
+    """smol-b holds the room and streams: smol-a cannot load without cutting it, so its request
+    waits up to QUEUE_TIMEOUT, then gets a 503 with Retry-After; the stream runs to its end."""
+    client = tight.client()
+    assert chat(client, "smol-b", False, max_tokens=1)[1] == "smol-b"  # loaded (it may be already)
+    with cf.ThreadPoolExecutor(1) as pool:
+        streaming = pool.submit(lambda: [c for c in client.chat.completions.create(
+            model="smol-b", messages=[{"role": "user", "content": "Go on"}], max_tokens=120, stream=True,
+            extra_body={"ignore_eos": True})])
+        time.sleep(1.0)
+        started = time.monotonic()
+        answer = requests.post(tight.base_url + "/v1/chat/completions", timeout=60, json={
+            "model": "smol-a", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+        waited = time.monotonic() - started
+        chunks = streaming.result()
+    assert answer.status_code == 503 and answer.headers.get("Retry-After"), answer.text
+    assert 3 < waited < 20, waited  # it waited for room, boundedly
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["length"]
+    assert listing(tight)["smol-a"]["state"] == "unloaded"
+
+
+def test_metrics_are_per_model(server):
+    text = requests.get(server.base_url + "/metrics", timeout=10).text
+    assert 'orchard:model_state{model="smol",state="loaded"} 1.0' in text
+    assert 'orchard:model_state{model="big",state="remote"} 1.0' in text
+    assert 'orchard:model_size_bytes{model="smol"}' in text
+    assert UPSTREAM_KEY not in text

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -170,6 +171,7 @@ def main() -> int:
     parser.add_argument("--json", type=Path, help="write the summary here")
     parser.add_argument("--logs", type=Path, default=Path("/tmp/long-prompt-freeze"))
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the servers on the way out
     args.logs.mkdir(parents=True, exist_ok=True)
     common = dict(kv.split("=", 1) for kv in args.set)
     rows = []

@@ -95,3 +95,19 @@ def test_followers_survive_their_leader_leaving_before_its_prompt_is_done(model)
     out = drain(gen, {results[1][0]})
     assert out[results[1][0]] == expected
     assert results[0][0] not in out and results[2][0] not in out
+
+
+@pytest.mark.parametrize("raw, cpu, budget", [("auto", True, 128), ("auto", False, 512), ("64", True, 64),
+                                              ("2048", False, 2048)])
+def test_the_budget_setting_is_auto_per_device_or_a_number(raw, cpu, budget):
+    from config import load_settings
+
+    assert load_settings({"PREFILL_STEP_SIZE": raw}, dotenv=False).prefill_tokens(cpu) == budget
+
+
+@pytest.mark.parametrize("raw", ["8", "big", "-1", "70000"])
+def test_a_bad_budget_setting_is_refused_at_start(raw):
+    from config import SettingsError, load_settings
+
+    with pytest.raises(SettingsError, match="PREFILL_STEP_SIZE"):
+        load_settings({"PREFILL_STEP_SIZE": raw}, dotenv=False)

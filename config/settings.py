@@ -52,7 +52,7 @@ class Settings:
     responses_store_ttl: int = _spec("RESPONSES_STORE_TTL", "seconds a stored response lives", min=1, max=30 * 86400)
     max_n: int = _spec("MAX_N", "largest `n` (choices per request) a request may ask for", min=1, max=128)
     tool_parser: str = _spec("TOOL_PARSER", "tool-call format: auto (from the chat template), hermes or llama3_json")
-    prefill_step_size: int = _spec("PREFILL_STEP_SIZE", "prompt tokens processed per engine step (smaller keeps decode smooth)", min=16, max=65536)
+    prefill_step_size: str = _spec("PREFILL_STEP_SIZE", "prompt tokens prefilled per engine step, all prompts together, beside the decoding rows (smaller keeps streams smooth while a long prompt arrives): 'auto' (128 on the CPU, 512 on a GPU) or 16-65536")
     prefill_batch_size: int = _spec("PREFILL_BATCH_SIZE", "prompts prefilled together", min=1, max=1024)
     admission_wait_steps: int = _spec("ADMISSION_WAIT_STEPS", "engine steps a newcomer may wait for others to join the running batch with it (fewer extra forward passes); 0: join at once", min=0, max=1000)
     blas: str = _spec("ORCHARD_BLAS", "Linux CPU BLAS: 'auto' preloads OpenBLAS when installed, 'bundled' keeps MLX's own", choices=("auto", "bundled"))
@@ -113,6 +113,17 @@ class Settings:
             return None
         return parse_size("PREFIX_CACHE_BYTES", self.prefix_cache_bytes)
 
+    def prefill_tokens(self, cpu: bool) -> int:
+        """The per-step prompt-token budget. 'auto': on the 2-core CPU a prefill token costs about
+        as much as a decoding row, so 128 (a 4k prompt's longest freeze of the others 2.7 s, not
+        7-9 s at 512, for the same TTFT: docs/benchmarks.md, issue 14); on a GPU, 512."""
+        if self.prefill_step_size == "auto":
+            return 128 if cpu else 512
+        raw = self.prefill_step_size.strip()
+        if not raw.isdigit() or not 16 <= int(raw) <= 65536:
+            raise SettingsError(f"PREFILL_STEP_SIZE={raw!r} must be 'auto' or a whole number from 16 to 65536")
+        return int(raw)
+
     def aliases(self) -> tuple[str, ...]:
         return tuple(a.strip() for a in self.model_aliases.split(",") if a.strip())
 
@@ -165,7 +176,7 @@ DEFAULTS: dict[str, str] = {
     "RESPONSES_STORE_TTL": "3600",
     "MODEL_ALIASES": "",
     "TOOL_PARSER": "auto",
-    "PREFILL_STEP_SIZE": "512",
+    "PREFILL_STEP_SIZE": "auto",
     "PREFILL_BATCH_SIZE": "8",
     "ADMISSION_WAIT_STEPS": "8",
     "ORCHARD_BLAS": "auto",
@@ -251,6 +262,7 @@ def _check_consistency(s: Settings) -> None:
     if s.tool_parser not in ("auto", "hermes", "llama3_json"):
         raise SettingsError(f"TOOL_PARSER={s.tool_parser!r} must be auto, hermes or llama3_json")
     s.kv_budget_bytes, s.prefix_cache_cap, s.memory_budget_bytes  # validates the sizes
+    s.prefill_tokens(cpu=True)
     if s.distributed_hostfile and not Path(s.distributed_hostfile).expanduser().is_file():
         raise SettingsError(f"DISTRIBUTED_HOSTFILE={s.distributed_hostfile!r}: no such file")
     if s.distributed_rank and not s.distributed_hostfile:

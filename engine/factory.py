@@ -66,11 +66,13 @@ def model_engine(settings: Settings, source_setting: str, model_id: str, max_run
             from engine.synthetic import SyntheticGenerator, text_tokens
 
             return SyntheticGenerator(text_tokens(model.tokenizer), max_running)
+        import mlx.core as mx
+
         from engine.generator import Generator
 
         return Generator(model.model, model.eos_token_ids, max_batch=max_running,
                          prefill_batch_size=settings.prefill_batch_size,
-                         prefill_step_size=settings.prefill_step_size,
+                         prefill_step_size=settings.prefill_tokens(mx.default_device().type == mx.cpu),
                          prefix_cache_bytes=_UNBOUNDED if settings.prefix_cache_cap is None else settings.prefix_cache_cap,
                          grammar_tokenizer=model.grammar_tokenizer, stream=stream)
 

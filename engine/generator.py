@@ -4,6 +4,7 @@ Runs on the engine thread only: every call here touches MLX.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
@@ -32,7 +33,7 @@ class Generator:
                  prefill_batch_size: int, prefill_step_size: int, prefix_cache_bytes: int = 0,
                  grammar_tokenizer=None, stream=None):
         self._model = model
-        self._prefill_step = prefill_step_size
+        self._prefill_budget = prefill_step_size  # prompt tokens per step, all prompts together
         self._grammar_tokenizer = grammar_tokenizer  # llguidance's view of the vocabulary, or None
         self._logprobs: dict[int, int] = {}  # uid -> top-k of rows that asked for logprobs
         self.prefill_tokens_saved = 0  # prompt tokens not recomputed thanks to shared prefills
@@ -54,6 +55,12 @@ class Generator:
         self.prefix_cache = PrefixCache(prefix_cache_bytes)
         self._scopes: dict[int, str] = {}  # uid -> prefix-cache scope of sequences that have one
         self._vocab_size = getattr(getattr(model, "args", None), "vocab_size", None)
+        # Shared prefills: a group's first request (the leader) prefills in the batch like any
+        # prompt; the others wait, under their own uids, for its KV state.
+        self._followers: dict[int, list[tuple[int, AddRequest, dict]]] = {}  # leader's uid -> waiting
+        self._follower_uids = itertools.count(1 << 40)  # apart from the batch's own uids
+        self._alias: dict[int, int] = {}  # batch uid -> follower's uid, once it joined the batch
+        self._batch_uid: dict[int, int] = {}  # follower's uid -> batch uid
 
     def insert(self, request: AddRequest) -> tuple[int, int]:
         """Queue a sequence; returns (uid, prompt tokens served from the prefix cache)."""
@@ -63,20 +70,29 @@ class Generator:
         """Queue sequences admitted together; one (uid, cached) or an exception per request.
 
         Requests with the same prompt and cache scope (the `n` choices of one API request, or
-        identical calls) share one prefill: the prompt is computed once and each row starts
-        from a copy of its KV state, so n choices cost one prompt's compute, not n."""
+        identical calls) share one prefill: the first prefills in the batch, chunk by chunk
+        beside the others' decoding, and the rest start from a copy of its KV state once its
+        prompt is done, so n choices cost one prompt's compute, not n."""
         groups: dict[tuple, list[int]] = {}
         for i, request in enumerate(requests):
             groups.setdefault((request.cache_scope, tuple(request.prompt_tokens)), []).append(i)
         out: list = [None] * len(requests)
         for members in groups.values():
             try:
-                self._check_prompt(requests[members[0]].prompt_tokens)
-                shared = self._shared_prefill(requests[members[0]]) if len(members) > 1 else None
-                if shared is not None:
-                    self.prefill_tokens_saved += (len(members) - 1) * (len(requests[members[0]].prompt_tokens) - 1)
-                for i in members:
-                    out[i] = self._insert_one(requests[i], shared)
+                prompt = requests[members[0]].prompt_tokens
+                self._check_prompt(prompt)
+                rows = [self._row(requests[i]) for i in members]  # a bad grammar fails here, not later
+                if len(prompt) < 2:
+                    for i, row in zip(members, rows):
+                        out[i] = self._insert_one(requests[i], row)
+                    continue
+                out[members[0]] = leader = self._insert_one(requests[members[0]], rows[0])
+                waiting = [(next(self._follower_uids), requests[i], row) for i, row in zip(members[1:], rows[1:])]
+                if waiting:
+                    self._followers[leader[0]] = waiting
+                    self.prefill_tokens_saved += len(waiting) * (len(prompt) - 1)
+                for i, (uid, _, _) in zip(members[1:], waiting):
+                    out[i] = (uid, leader[1])
             except Exception as exc:  # a bad request fails alone
                 for i in members:
                     out[i] = out[i] or exc
@@ -89,55 +105,57 @@ class Generator:
             # The embedding lookup does not check bounds: an outside id would read stray memory.
             raise ValueError(f"a prompt token id is outside the model's vocabulary (0..{self._vocab_size - 1})")
 
-    def _shared_prefill(self, request: AddRequest):
-        """KV state of all but the last prompt token, computed once (prefix cache first)."""
-        from mlx_lm.models.cache import make_prompt_cache
-
-        prompt = request.prompt_tokens
-        if len(prompt) < 2:
-            return None
-        layers, cached = self.prefix_cache.lookup(prompt, request.cache_scope)
-        cache = make_prompt_cache(self._model)
-        if layers:  # own arrays: the forward pass below writes into the cache
-            for mine, theirs in zip(cache, layers):
-                mine.keys = theirs.keys[..., :cached, :]
-                mine.values = theirs.values[..., :cached, :]
-                mine.offset = cached
-        rest = prompt[cached:-1]
-        with mx.stream(self._stream):
-            for start in range(0, len(rest), self._prefill_step):
-                self._model(mx.array(rest[start:start + self._prefill_step])[None], cache=cache)
-                mx.eval([c.state for c in cache])
-        return cache, cached
-
-    def _insert_one(self, request: AddRequest, shared) -> tuple[int, int]:
+    def _row(self, request: AddRequest) -> dict:
+        """The batch's per-row arguments: sampler, logits processors, stop sequences."""
         params = request.sampling
-        prompt = request.prompt_tokens
-        if shared is not None:
-            cache, cached = shared
-            start = len(prompt) - 1
-            layers = [_trimmed(layer, start) for layer in cache]
-        else:
-            layers, cached = self.prefix_cache.lookup(prompt, request.cache_scope)
-            start = cached
         processors = self._samplers.logits_processors(params, request.max_tokens)
         if request.grammar is not None:  # last: no bias or penalty can re-allow a masked token
             processors = processors + [self._grammar(request.grammar)]
-        (uid,) = self._batch.insert(
-            [prompt[start:]],
-            caches=[layers] if layers else None,
-            all_tokens=[prompt[:start]],
-            max_tokens=[request.max_tokens],
-            samplers=[self._samplers.sampler(params)],
-            logits_processors=[processors],
-            # A grammar ends with EOS: its row never ignores it.
-            stop_sequences=[self._stop_sequences(request.ignore_eos and request.grammar is None)],
-        )
+        # A grammar ends with EOS: its row never ignores it.
+        stop = self._stop_sequences(request.ignore_eos and request.grammar is None)
+        return dict(samplers=[self._samplers.sampler(params)], logits_processors=[processors],
+                    stop_sequences=[stop], max_tokens=[request.max_tokens])
+
+    def _insert_one(self, request: AddRequest, row: dict, shared: Optional[list] = None) -> tuple[int, int]:
+        """Queue one row; `shared`: the KV layers of a leader that computed this prompt already."""
+        prompt = request.prompt_tokens
+        if shared is not None:
+            cached = start = len(prompt) - 1
+            layers = [_trimmed(layer, start) for layer in shared]
+        else:
+            layers, cached = self.prefix_cache.lookup(prompt, request.cache_scope)
+            start = cached
+        (uid,) = self._batch.insert([prompt[start:]], caches=[layers] if layers else None,
+                                    all_tokens=[prompt[:start]], **row)
         if request.cache_scope:
             self._scopes[uid] = request.cache_scope
         if request.logprobs is not None:
             self._logprobs[uid] = request.logprobs
         return uid, cached
+
+    def _release_followers(self, responses) -> None:
+        """Leaders whose prompt is done (their first token came) hand their KV state on."""
+        for r in responses:
+            waiting = self._followers.pop(r.uid, None)
+            if waiting is None:
+                continue
+            layers = r.prompt_cache if r.finish_reason is not None else self._batch.extract_cache([r.uid])[r.uid][0]
+            for uid, request, row in waiting:
+                self._join(uid, self._insert_one(request, row, layers)[0])
+
+    def _promote(self, waiting: list) -> None:
+        """The leader left before its prompt was done: the first follower prefills instead."""
+        (uid, request, row), rest = waiting[0], waiting[1:]
+        batch_uid = self._insert_one(request, row)[0]
+        self._join(uid, batch_uid)
+        if rest:
+            self._followers[batch_uid] = rest
+
+    def _join(self, uid: int, batch_uid: int) -> None:
+        self._alias[batch_uid], self._batch_uid[uid] = uid, batch_uid
+        for per_uid in (self._scopes, self._logprobs):
+            if batch_uid in per_uid:
+                per_uid[uid] = per_uid.pop(batch_uid)
 
     def _grammar(self, grammar: str):
         from engine.grammar import make_processor
@@ -152,33 +170,66 @@ class Generator:
         finished one's: an agent's next call, or a retry, starts from it."""
         scope = self._scopes.pop(uid, "")
         self._logprobs.pop(uid, None)
+        if self._drop_follower(uid):
+            return
+        batch_uid = self._batch_uid.pop(uid, uid)
+        self._alias.pop(batch_uid, None)
         keep = keep_prefix and self.prefix_cache.capacity > 0
-        left = self._batch.remove([uid], return_prompt_caches=keep)
-        if uid in left:
-            layers, tokens = left[uid]
+        left = self._batch.remove([batch_uid], return_prompt_caches=keep)
+        waiting = self._followers.pop(batch_uid, None)
+        if waiting:
+            self._promote(waiting)
+        if batch_uid in left:
+            layers, tokens = left[batch_uid]
             self._keep([(tokens, layers, scope)])
 
+    def _drop_follower(self, uid: int) -> bool:
+        """A follower still waiting for its leader leaves the queue; True if it was one."""
+        for leader, waiting in self._followers.items():
+            rest = [w for w in waiting if w[0] != uid]
+            if len(rest) < len(waiting):
+                if rest:
+                    self._followers[leader] = rest
+                else:
+                    del self._followers[leader]
+                return True
+        return False
+
     def step(self) -> list[StepToken]:
-        """One engine step: prefill some prompts and/or decode one token for every running row."""
+        """One engine step: decode one token for every running row, and prefill at most the
+        prompt-token budget (PREFILL_STEP_SIZE), shared among the prompts being prefilled:
+        a long prompt advances one chunk per step, so the decoding rows never wait for all of it."""
+        self._batch.prefill_step_size = self._chunk()
         _, responses = self._batch.next()
-        logprobs = self._token_logprobs(responses) if self._logprobs else {}
-        out = [StepToken(r.uid, r.token, r.finish_reason, logprobs.get(r.uid)) for r in responses]
-        finished = [r for r in responses if r.finish_reason is not None]
-        for r in finished:
-            self._logprobs.pop(r.uid, None)
-        scopes = [self._scopes.pop(r.uid, "") for r in finished]
+        if self._followers:
+            self._release_followers(responses)
+        uids = [self._alias.get(r.uid, r.uid) for r in responses]
+        logprobs = self._token_logprobs(responses, uids) if self._logprobs else {}
+        out = [StepToken(uid, r.token, r.finish_reason, logprobs.get(uid)) for uid, r in zip(uids, responses)]
+        finished = [(uid, r) for uid, r in zip(uids, responses) if r.finish_reason is not None]
+        for uid, r in finished:
+            self._logprobs.pop(uid, None)
+            self._batch_uid.pop(self._alias.pop(r.uid, None), None)
+        scopes = [self._scopes.pop(uid, "") for uid, _ in finished]
         if finished and self.prefix_cache.capacity > 0:
-            self._keep_prefixes(finished, scopes)
+            self._keep_prefixes([r for _, r in finished], scopes)
         return out
 
-    def _token_logprobs(self, responses) -> dict[int, TokenLogprob]:
+    def _chunk(self) -> int:
+        """Each prompt's share of this step's budget: the prompts mlx-lm will prefill this step
+        (those in its prompt batch and those that join it now) split PREFILL_STEP_SIZE."""
+        batch = self._batch
+        joining = min(len(batch._unprocessed_sequences), max(0, batch.prefill_batch_size - len(batch._prompt_batch)))
+        return max(16, self._prefill_budget // max(1, len(batch._prompt_batch) + joining))
+
+    def _token_logprobs(self, responses, uids: list[int]) -> dict[int, TokenLogprob]:
         """The sampled token's logprob and the top k, for the rows that asked."""
-        rows = [r for r in responses if r.uid in self._logprobs]
+        rows = [(uid, r) for uid, r in zip(uids, responses) if uid in self._logprobs]
         if not rows:
             return {}
-        values = top_logprobs(mx.stack([r.logprobs for r in rows]), [r.token for r in rows],
-                              [self._logprobs[r.uid] for r in rows])
-        return {r.uid: value for r, value in zip(rows, values)}
+        values = top_logprobs(mx.stack([r.logprobs for _, r in rows]), [r.token for _, r in rows],
+                              [self._logprobs[uid] for uid, _ in rows])
+        return {uid: value for (uid, _), value in zip(rows, values)}
 
     def keep_prefix(self, tokens: list[int], layers: list, scope: str = "") -> None:
         """Offer KV state computed outside the batch (a scored prompt) to the prefix cache."""

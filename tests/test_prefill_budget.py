@@ -1,0 +1,113 @@
+"""Long prompts share each step with decoding rows under a prompt-token budget (PREFILL_STEP_SIZE):
+no step feeds the model more prompt tokens than the budget, a shared prefill (the `n` choices)
+advances chunk by chunk like any prompt, and its followers still match solo greedy output."""
+from __future__ import annotations
+
+import pytest
+from mlx_lm import load
+
+from engine.generator import Generator
+from engine.messages import AddRequest
+from engine.sampling import SamplingParams
+
+GREEDY = SamplingParams(temperature=0.0)
+BUDGET = 64
+LONG = [(i * 7) % 500 + 3 for i in range(300)]  # the tiny model's vocabulary is 512
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    model, _ = load(str(tiny_model_dir))
+    fed: list[tuple[int, int]] = []
+    forward = type(model).__call__
+
+    class Counted(type(model)):  # records each forward pass's (rows, positions)
+        def __call__(self, inputs, *args, **kwargs):
+            fed.append(tuple(inputs.shape))
+            return forward(self, inputs, *args, **kwargs)
+
+    model.__class__ = Counted
+    model.fed = fed
+    return model
+
+
+def generator(model, budget=BUDGET) -> Generator:
+    return Generator(model, [0], max_batch=16, prefill_batch_size=8, prefill_step_size=budget)
+
+
+def request(rid: str, prompt: list[int], max_tokens: int) -> AddRequest:
+    return AddRequest(rid, prompt, max_tokens, GREEDY, ignore_eos=True)
+
+
+def drain(gen: Generator, uids: set[int], steps: int = 200) -> dict[int, list[int]]:
+    out = {uid: [] for uid in uids}
+    for _ in range(steps):
+        for t in gen.step():
+            out.setdefault(t.uid, []).append(t.token)
+        if not (gen._batch._generation_batch.uids or gen._batch._prompt_batch.uids
+                or gen._batch._unprocessed_sequences or gen._followers):
+            break
+    return out
+
+
+@pytest.mark.parametrize("copies", [1, 3, 10])
+def test_no_step_prefills_more_than_the_budget_and_decoding_rows_get_a_token_every_step(model, copies):
+    gen = generator(model)
+    for i in range(4):
+        gen.insert(request(f"d{i}", [5 + i, 6, 7], 400))
+    for _ in range(3):
+        gen.step()
+    distinct = [request(f"L{j}", [j + 1] + LONG, 4) for j in range(copies)]  # several long prompts at once
+    model.fed.clear()
+    assert all(not isinstance(r, Exception) for r in gen.insert_many(distinct))
+    assert model.fed == []  # admission itself computes nothing
+    for _ in range(40):
+        model.fed.clear()
+        tokens = gen.step()
+        assert sum(r * n for r, n in model.fed if n > 1) <= max(BUDGET, 16 * min(copies, 8))
+        assert {t.uid for t in tokens} >= {0, 1, 2, 3}  # the decoding rows never skip a step
+
+
+def test_a_shared_prefill_goes_one_chunk_per_step_and_matches_solo_output(model):
+    solo_gen = generator(model)
+    (solo,) = solo_gen.insert_many([request("solo", LONG, 6)])
+    expected = drain(solo_gen, {solo[0]})[solo[0]]
+
+    gen = generator(model)
+    model.fed.clear()
+    results = gen.insert_many([request(f"n{i}", LONG, 6) for i in range(3)])
+    assert model.fed == [] and gen.prefill_tokens_saved == 2 * (len(LONG) - 1)
+    out = drain(gen, {uid for uid, _ in results})
+    assert max(n for _, n in model.fed) <= BUDGET
+    assert [out[uid] for uid, _ in results] == [expected] * 3
+
+
+def test_followers_survive_their_leader_leaving_before_its_prompt_is_done(model):
+    solo_gen = generator(model)
+    (solo,) = solo_gen.insert_many([request("solo", LONG, 5)])
+    expected = drain(solo_gen, {solo[0]})[solo[0]]
+
+    gen = generator(model)
+    results = gen.insert_many([request(f"n{i}", LONG, 5) for i in range(3)])
+    gen.step()  # the leader's first chunk
+    gen.remove(results[0][0])
+    gen.remove(results[2][0])  # a follower still waiting leaves too
+    out = drain(gen, {results[1][0]})
+    assert out[results[1][0]] == expected
+    assert results[0][0] not in out and results[2][0] not in out
+
+
+@pytest.mark.parametrize("raw, cpu, budget", [("auto", True, 128), ("auto", False, 512), ("64", True, 64),
+                                              ("2048", False, 2048)])
+def test_the_budget_setting_is_auto_per_device_or_a_number(raw, cpu, budget):
+    from config import load_settings
+
+    assert load_settings({"PREFILL_STEP_SIZE": raw}, dotenv=False).prefill_tokens(cpu) == budget
+
+
+@pytest.mark.parametrize("raw", ["8", "big", "-1", "70000"])
+def test_a_bad_budget_setting_is_refused_at_start(raw):
+    from config import SettingsError, load_settings
+
+    with pytest.raises(SettingsError, match="PREFILL_STEP_SIZE"):
+        load_settings({"PREFILL_STEP_SIZE": raw}, dotenv=False)

@@ -39,8 +39,8 @@ class Generator:
         self.prefill_tokens_saved = 0  # prompt tokens not recomputed thanks to shared prefills
         self._eos = tuple(sorted(set(eos_token_ids)))
         # Its own stream, except in a distributed group: there every op with a collective in it
-        # (this batch's, the prompt scorer's, the host's plan) must run on one stream, in one
-        # order on every rank; two streams would interleave their collectives on the sockets.
+        # (this batch's, the prompt scorer's) must run on one stream (the host's), in one order
+        # on every rank; two streams would interleave their collectives (on the ring's sockets).
         self._stream = stream or mx.new_stream(mx.default_device())
         self._batch = BatchGenerator(
             model,

@@ -107,8 +107,11 @@ class EngineHost:
             import mlx.core as mx
 
             self.group = self._join_group()  # blocks until every rank is there
-            # One stream for everything with a collective in it (see engine/generator.py).
-            self.stream = mx.default_stream(mx.default_device())
+            # One stream for everything with a collective in it (see engine/generator.py): a
+            # stream of its own, like a single process's generator, made this thread's default
+            # so that the prompt scorer and the embedder run on it too.
+            self.stream = mx.new_stream(mx.default_device())
+            mx.set_default_stream(self.stream)
         for engine in self.engines:
             engine.open(with_weights=engine.pinned)
         if self.memory_budget is None:  # auto: what is loaded now plus the KV share of what is left

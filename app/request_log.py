@@ -64,8 +64,9 @@ def install(app: Flask) -> None:
 
 
 def log_completion(request_id: str, finish_reason: str, prompt_tokens: int, completion_tokens: int,
-                   latency_s: float, prompt_text: str | None = None, cached_tokens: int = 0) -> None:
-    fields = {"request_id": request_id, "finish_reason": finish_reason, "prompt_tokens": prompt_tokens,
+                   latency_s: float, prompt_text: str | None = None, cached_tokens: int = 0,
+                   model: str | None = None) -> None:
+    fields = {"request_id": request_id, "model": model, "finish_reason": finish_reason, "prompt_tokens": prompt_tokens,
               "cached_tokens": cached_tokens, "completion_tokens": completion_tokens, "latency_ms": round(latency_s * 1000, 1)}
     if prompt_text is not None:
         fields["prompt"] = prompt_text

@@ -343,3 +343,10 @@ def test_metrics_are_per_model(server):
     assert 'orchard:model_state{model="big",state="remote"} 1.0' in text
     assert 'orchard:model_size_bytes{model="smol"}' in text
     assert UPSTREAM_KEY not in text
+
+
+def test_the_access_log_names_the_model_that_answered(server, client):
+    chat(client, "default", False, max_tokens=2)  # an alias: the log names the model it reached
+    completions = [e for e in server.access_entries() if e["message"] == "completion"]
+    assert completions and completions[-1]["model"] == "smol"
+    assert {"smol", "tiny"} <= {e["model"] for e in completions}

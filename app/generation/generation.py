@@ -186,7 +186,7 @@ class Generation:
         self.choices[0].timer.finished(reason, prompt, self.cached_tokens)
         log_completion(self.request.log_id, reason, prompt, self.completion_tokens,
                        time.perf_counter() - self._arrived, self.request.prompt_text,
-                       cached_tokens=self.cached_tokens)
+                       cached_tokens=self.cached_tokens, model=self._ctx.engine.model_id)
 
     def abort(self) -> None:
         for i, stream in enumerate(self._streams):

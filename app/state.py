@@ -31,6 +31,7 @@ from orchard import __version__
 
 log = logging.getLogger("orchard.worker")
 STALL_S = 30.0  # engine loop silent this long while it has work: unhealthy
+LOAD_STALL_S = 900.0  # ... or this long while it loads a model's weights on demand
 WATCHDOG_PERIOD_S = 1.0
 EXIT_CODE_ENGINE_DEAD = 70
 EXIT_GRACE_S = 3.0  # a dying worker's in-flight requests get this long to receive their errors
@@ -131,7 +132,11 @@ class Orchard:
         idle (the leader shares a plan at least once a second, so silence means a lost rank)."""
         beat = self.engine.stats.last_beat
         busy = self.catalog.distributed or any(e.running or e.waiting for e in self.catalog.engines)
-        return bool(busy and beat and time.monotonic() - beat > STALL_S)
+        # A model loading on demand holds the loop for as long as its weights take to read: a
+        # big one longer than STALL_S. That is progress, up to LOAD_STALL_S.
+        limit = LOAD_STALL_S if any(e.state is EngineState.LOADING and e.model is not None
+                                    for e in self.catalog.engines) else STALL_S
+        return bool(busy and beat and time.monotonic() - beat > limit)
 
     def require_ready(self) -> ChatServing:
         """The first local chat model's chat serving (in-process callers that serve one model)."""

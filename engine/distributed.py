@@ -66,17 +66,22 @@ class StepGroup:
         peer.settimeout(None)
         self._peers.append(peer)
 
-    def share(self, plan: Optional[list]) -> list:
-        """Rank 0's plan, on every rank (followers pass None and wait for it)."""
+    def share(self, plan: Optional[list], turns: int = 0) -> list:
+        """Rank 0's plan, on every rank (followers pass None and wait for it). Each frame also
+        carries the leader's turn count, which every follower must have reached too: a rank
+        that took another turn has diverged, and the group fails at once rather than
+        computing garbage in lockstep."""
         if self.size == 1:
             return plan or []
         if self.is_leader:
             payload = pickle.dumps(plan, protocol=pickle.HIGHEST_PROTOCOL) if plan else b""
-            frame = struct.pack("!I", len(payload)) + payload
+            frame = struct.pack("!IQ", len(payload), turns) + payload
             for peer in self._peers:
                 peer.sendall(frame)
             return plan or []
-        (size,) = struct.unpack("!I", self._read(4))
+        size, leader_turns = struct.unpack("!IQ", self._read(12))
+        if leader_turns != turns:
+            raise RuntimeError(f"rank {self.rank} is out of step: {turns} turns here, {leader_turns} on rank 0")
         return pickle.loads(self._read(size)) if size else []
 
     def _read(self, size: int) -> bytes:

@@ -139,7 +139,7 @@ class EngineHost:
         if self.group is not None:
             self._unapplied = plan or []  # a lost group raises in share(): these still get their ends
             indexed = None if plan is None else [(self.engines.index(e) if e is not None else -1, m) for e, m in plan]
-            plan = [(self.engines[i] if i >= 0 else None, m) for i, m in self.group.share(indexed)]
+            plan = [(self.engines[i] if i >= 0 else None, m) for i, m in self.group.share(indexed, self.turns)]
             self._unapplied = []
         for position, (engine, message) in enumerate(plan):
             if isinstance(message, Shutdown):

@@ -51,6 +51,9 @@ class _Parser:
         entries = [self.entry(i, raw) for i, raw in enumerate(raws)]
         routes = self.routes(doc.get("aliases"))
         self.unique_names(entries, routes)
+        if entries and all(e is not None and e.is_remote for e in entries):
+            self.problem("models", "every model is remote: list at least one local model (the engine serves "
+                                   "it, and /health reports on it)")
         config = ModelsConfig(entries=tuple(e for e in entries if e), aliases=routes, warnings=tuple(self.warnings))
         self.check_routes(config)
         return (None, self.problems) if self.problems else (config, [])

@@ -232,3 +232,11 @@ def test_config_check_exits_1_with_every_problem(tmp_path):
     assert result.returncode == 1 and "models file OK" not in result.stdout
     assert "2 problems" in result.stderr and "unknown key 'poolin'; did you mean 'pooling'?" in result.stderr
     assert "cycle a -> b -> a" in result.stderr
+
+
+def test_a_file_of_remote_models_only_is_refused(tmp_path):
+    found = problems(tmp_path, """
+        models:
+          - {id: big, remote: {base_url: "https://example.invalid/v1", model: big-model}}
+        """)
+    assert any("every model is remote" in p for p in found), found

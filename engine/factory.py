@@ -6,11 +6,14 @@ model of the operator's models file on one engine host thread, under one memory 
 from __future__ import annotations
 
 import logging
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from config import Settings
 from engine.engine import Engine
 from engine.model import LoadedModel
+
+if TYPE_CHECKING:
+    from engine.host import EngineHost
 
 log = logging.getLogger("orchard.engine")
 _UNBOUNDED = 1 << 62  # 'auto': the engine trims the prefix cache to what the KV budget leaves free

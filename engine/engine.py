@@ -325,7 +325,7 @@ class Engine:
         requests = message.requests if isinstance(message, AddGroup) else (message,)
         self._publish([(r.request_id, _gone(why)) for r in requests])
 
-    def stop(self, why: str) -> None:
+    def stop(self) -> None:
         self.state = EngineState.STOPPED
 
     def die(self, why: str) -> None:

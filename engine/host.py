@@ -89,7 +89,7 @@ class EngineHost:
                 self._load_waiting()
                 self._beat()
             for engine in self.engines:
-                engine.stop("the server is shutting down")
+                engine.stop()
             self._end_inbox("the server is shutting down")
         except BaseException as exc:
             self.error = f"engine loop died: {exc!r}"

@@ -38,3 +38,19 @@ def test_model_random_writes_a_servable_folder(tmp_path):
 def test_bench_is_reachable_through_orchard():
     result = orchard("bench", "--help")
     assert result.returncode == 0 and "--concurrency" in result.stdout
+
+
+def test_model_prepare_prepares_every_local_model_of_a_models_file(tmp_path, orchard_home, tiny_model_dir):
+    models = tmp_path / "models.yaml"
+    models.write_text(f"""models:
+  - {{id: smol, source: embedded}}
+  - {{id: tiny, source: "{tiny_model_dir}"}}
+  - {{id: big, remote: {{base_url: "http://127.0.0.1:9/v1", model: m}}}}
+""")
+    done = orchard("model", "prepare", env={"MODELS_FILE": str(models), "ORCHARD_HOME": orchard_home})
+    assert done.returncode == 0, done.stderr
+    assert "model 'smol' ready" in done.stderr and "model 'tiny' ready" in done.stderr
+    assert "big" not in done.stderr  # a remote model has nothing to prepare
+    models.write_text("models:\n  - {id: bad, source: /nowhere/model.gguf}\n")
+    refused = orchard("model", "prepare", env={"MODELS_FILE": str(models), "ORCHARD_HOME": orchard_home})
+    assert refused.returncode != 0 and "/nowhere/model.gguf" in refused.stderr

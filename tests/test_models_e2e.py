@@ -177,6 +177,67 @@ def test_remote_model_answers_through_orchard(server, upstream, client, stream):
     assert UPSTREAM_KEY not in server.full_log()
 
 
+def remote_and_local(ask) -> tuple:
+    """(remote answer, local answer) of the same greedy request to `big` and `smol`."""
+    return ask("big"), ask("smol")
+
+
+@pytest.mark.parametrize("stream", BOTH)
+def test_remote_completions_through_orchard(client, stream):
+    def ask(model: str) -> tuple[str, str]:
+        args = dict(model=model, prompt="The capital of France is", max_tokens=6, temperature=0)
+        if not stream:
+            answer = client.completions.create(**args)
+            return answer.choices[0].text, answer.model
+        chunks = list(client.completions.create(stream=True, **args))
+        return "".join(c.choices[0].text for c in chunks if c.choices), chunks[0].model
+
+    (remote, model), (local, _) = remote_and_local(ask)
+    assert model == "big" and remote == local
+
+
+@pytest.mark.parametrize("stream", BOTH)
+def test_remote_responses_through_orchard(client, stream):
+    def ask(model: str) -> tuple[str, str]:
+        args = dict(model=model, input="Say hi", max_output_tokens=6, temperature=0)
+        if not stream:
+            answer = client.responses.create(**args)
+            return answer.output_text, answer.model
+        events = list(client.responses.create(stream=True, **args))
+        assert [e.sequence_number for e in events] == list(range(len(events)))
+        done = events[-1].response
+        return done.output_text, done.model
+
+    (remote, model), (local, _) = remote_and_local(ask)
+    assert model == "big" and remote == local
+
+
+@pytest.mark.parametrize("stream", BOTH)
+def test_remote_anthropic_messages_through_orchard(server, stream):
+    import anthropic
+
+    client = anthropic.Anthropic(base_url=server.base_url, api_key="x", max_retries=0, timeout=120)
+
+    def ask(model: str) -> tuple[str, str]:
+        args = dict(model=model, max_tokens=6, extra_body={"temperature": 0}, messages=[{"role": "user", "content": "Say hi"}])
+        if not stream:
+            answer = client.messages.create(**args)
+        else:
+            with client.messages.stream(**args) as events:
+                answer = events.get_final_message()
+        return "".join(b.text for b in answer.content if b.type == "text"), answer.model
+
+    (remote, model), (local, _) = remote_and_local(ask)
+    assert model == "big" and remote == local
+
+
+def test_count_tokens_of_a_remote_model_is_a_clear_400_in_anthropics_envelope(server):
+    answer = requests.post(server.base_url + "/v1/messages/count_tokens", timeout=10,
+                           json={"model": "big", "messages": [{"role": "user", "content": "hi"}]})
+    assert answer.status_code == 400
+    assert answer.json()["type"] == "error" and answer.json()["error"]["type"] == "invalid_request_error"
+
+
 def test_an_alias_falls_back_to_the_next_target_when_the_first_is_full(server, client):
     """smart -> [tiny, big]; tiny runs one request at a time and queues none (REQUEST_QUEUE_SIZE=0)."""
     chat(client, "tiny", False, max_tokens=1)  # loaded

@@ -52,8 +52,11 @@ class Settings:
     responses_store_ttl: int = _spec("RESPONSES_STORE_TTL", "seconds a stored response lives", min=1, max=30 * 86400)
     max_n: int = _spec("MAX_N", "largest `n` (choices per request) a request may ask for", min=1, max=128)
     tool_parser: str = _spec("TOOL_PARSER", "tool-call format: auto (from the chat template), hermes or llama3_json")
-    prefill_step_size: str = _spec("PREFILL_STEP_SIZE", "prompt tokens prefilled per engine step, all prompts together, beside the decoding rows (smaller keeps streams smooth while a long prompt arrives): 'auto' (128 on the CPU, 512 on a GPU) or 16-65536")
+    prefill_step_size: str = _spec("PREFILL_STEP_SIZE", "prompt tokens prefilled per engine step, all prompts together, beside the decoding rows (smaller keeps streams smooth while prompts arrive): 'auto' (128 on the CPU, 4096 on a GPU) or 16-65536")
+    prefill_chunk_size: str = _spec("PREFILL_CHUNK_SIZE", "the most prompt tokens one prompt advances per engine step (a long prompt's share of PREFILL_STEP_SIZE; smaller keeps the other streams smooth while it prefills): 'auto' (128 on the CPU, 512 on a GPU) or 16-65536")
     prefill_batch_size: int = _spec("PREFILL_BATCH_SIZE", "prompts prefilled together", min=1, max=1024)
+    warmup_tokens: str = _spec("WARMUP_TOKENS", "before /health says ready, the engine prefills a synthetic prompt of this many tokens and decodes at batch sizes 1, 2, 4... up to MAX_CONCURRENT_REQUESTS, so the kernels of the shapes it will serve are compiled before the first request: 'auto' (8192 on a GPU, off on the CPU, where nothing compiles per shape), 0 (off) or a count")
+    decode_batch: str = _spec("DECODE_BATCH", "the batching core: 'slots' (Orchard's: rows keep a KV slot, join the next decode step, no whole-cache copies; models with plain KV caches, others fall back) or 'mlx-lm' (mlx-lm's BatchGenerator)", choices=("slots", "mlx-lm"))
     admission_wait_steps: int = _spec("ADMISSION_WAIT_STEPS", "engine steps a newcomer may wait for others to join the running batch with it (fewer extra forward passes); 0: join at once", min=0, max=1000)
     blas: str = _spec("ORCHARD_BLAS", "Linux CPU BLAS: 'auto' preloads OpenBLAS when installed, 'bundled' keeps MLX's own", choices=("auto", "bundled"))
     log_level: str = _spec("LOG_LEVEL", "logging level", choices=("debug", "info", "warning", "error"))
@@ -114,14 +117,36 @@ class Settings:
         return parse_size("PREFIX_CACHE_BYTES", self.prefix_cache_bytes)
 
     def prefill_tokens(self, cpu: bool) -> int:
-        """The per-step prompt-token budget. 'auto': on the 2-core CPU a prefill token costs about
-        as much as a decoding row, so 128 (a 4k prompt's longest freeze of the others 2.7 s, not
-        7-9 s at 512, for the same TTFT: docs/benchmarks.md, issue 14); on a GPU, 512."""
-        if self.prefill_step_size == "auto":
-            return 128 if cpu else 512
-        raw = self.prefill_step_size.strip()
+        """The per-step prompt-token budget, all prompts together. 'auto': on the 2-core CPU a
+        prefill token costs about as much as a decoding row, so 128 (a 4k prompt's longest freeze
+        of the others 2.7 s, not 7-9 s at 512, for the same TTFT: docs/benchmarks.md, issue 14);
+        on a GPU a prompt token costs a small fraction of a decode step, and a closed loop's new
+        prompts (16 of ~150 tokens each) must get in within a step or two, so 4096."""
+        return self._token_count("PREFILL_STEP_SIZE", self.prefill_step_size, 128 if cpu else 4096)
+
+    def prefill_chunk(self, cpu: bool) -> int:
+        """The most one prompt advances per step: a long prompt's chunk (its attention grows
+        with its context, so its chunk is what the other streams wait for)."""
+        return self._token_count("PREFILL_CHUNK_SIZE", self.prefill_chunk_size, 128 if cpu else 512)
+
+    @staticmethod
+    def _token_count(name: str, value: str, auto: int) -> int:
+        if value == "auto":
+            return auto
+        raw = value.strip()
         if not raw.isdigit() or not 16 <= int(raw) <= 65536:
-            raise SettingsError(f"PREFILL_STEP_SIZE={raw!r} must be 'auto' or a whole number from 16 to 65536")
+            raise SettingsError(f"{name}={raw!r} must be 'auto' or a whole number from 16 to 65536")
+        return int(raw)
+
+    def warmup(self, cpu: bool) -> int:
+        """Prompt tokens of the start-up warm-up (0: none). 'auto': a GPU compiles kernels per
+        shape on first use (a fresh server's first long prompt took 2-4x a warm one's, issue 14);
+        the CPU does not, and there the warm-up would only delay readiness."""
+        if self.warmup_tokens == "auto":
+            return 0 if cpu else 8192
+        raw = self.warmup_tokens.strip()
+        if not raw.isdigit() or int(raw) > 1_000_000:
+            raise SettingsError(f"WARMUP_TOKENS={raw!r} must be 'auto' or a whole number from 0 to 1000000")
         return int(raw)
 
     def aliases(self) -> tuple[str, ...]:
@@ -177,7 +202,10 @@ DEFAULTS: dict[str, str] = {
     "MODEL_ALIASES": "",
     "TOOL_PARSER": "auto",
     "PREFILL_STEP_SIZE": "auto",
+    "PREFILL_CHUNK_SIZE": "auto",
     "PREFILL_BATCH_SIZE": "8",
+    "WARMUP_TOKENS": "auto",
+    "DECODE_BATCH": "slots",
     "ADMISSION_WAIT_STEPS": "8",
     "ORCHARD_BLAS": "auto",
     "LOG_LEVEL": "info",
@@ -262,7 +290,8 @@ def _check_consistency(s: Settings) -> None:
     if s.tool_parser not in ("auto", "hermes", "llama3_json"):
         raise SettingsError(f"TOOL_PARSER={s.tool_parser!r} must be auto, hermes or llama3_json")
     s.kv_budget_bytes, s.prefix_cache_cap, s.memory_budget_bytes  # validates the sizes
-    s.prefill_tokens(cpu=True)
+    s.prefill_tokens(cpu=True), s.prefill_chunk(cpu=True)
+    s.warmup(cpu=False)
     if s.distributed_hostfile and not Path(s.distributed_hostfile).expanduser().is_file():
         raise SettingsError(f"DISTRIBUTED_HOSTFILE={s.distributed_hostfile!r}: no such file")
     if s.distributed_rank and not s.distributed_hostfile:

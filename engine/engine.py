@@ -64,8 +64,10 @@ class Engine:
                  generator_factory: Callable[[LoadedModel, int], object],
                  preload: Optional[Callable[[], None]] = None, kv_budget: Optional[int] = None,
                  admission_group: int = 1, admission_wait_steps: int = 0, model_id: str = "",
-                 pinned: bool = True, weight_estimate: int = 0):
-        self._loader = loader  # loader(with_weights, group) -> LoadedModel
+                 pinned: bool = True, weight_estimate: int = 0,
+                 warm_up: Optional[Callable[[object, LoadedModel, int], None]] = None):
+        self._loader = loader
+        self._warm_up = warm_up  # (generator, model, max_running): compile shapes before READY  # loader(with_weights, group) -> LoadedModel
         self._preload = preload
         self._kv_budget_setting = kv_budget
         self._generator_factory = generator_factory
@@ -221,6 +223,8 @@ class Engine:
 
     def _start_serving(self, model: LoadedModel) -> None:
         self._generator = self._generator_factory(model, self._scheduler.max_running, self._host.stream)
+        if self._warm_up is not None:
+            self._warm_up(self._generator, model, self._scheduler.max_running)
         if hasattr(self._generator, "keep_prefix"):  # a real model (not the synthetic generator)
             from engine.prompt_scorer import PromptScorer
 

@@ -6,6 +6,7 @@ model of the operator's models file on one engine host thread, under one memory 
 from __future__ import annotations
 
 import logging
+import time
 from typing import TYPE_CHECKING, Optional
 
 from config import Settings
@@ -76,8 +77,21 @@ def model_engine(settings: Settings, source_setting: str, model_id: str, max_run
         return Generator(model.model, model.eos_token_ids, max_batch=max_running,
                          prefill_batch_size=settings.prefill_batch_size,
                          prefill_step_size=settings.prefill_tokens(mx.default_device().type == mx.cpu),
+                         prefill_chunk=settings.prefill_chunk(mx.default_device().type == mx.cpu),
                          prefix_cache_bytes=_UNBOUNDED if settings.prefix_cache_cap is None else settings.prefix_cache_cap,
-                         grammar_tokenizer=model.grammar_tokenizer, stream=stream)
+                         grammar_tokenizer=model.grammar_tokenizer, stream=stream,
+                         decode_batch=settings.decode_batch)
+
+    def warm_up(generator, model: LoadedModel, max_running: int) -> None:
+        import mlx.core as mx
+
+        tokens = settings.warmup(mx.default_device().type == mx.cpu)
+        if not tokens or not hasattr(generator, "warm_up"):
+            return
+        started = time.perf_counter()
+        steps = generator.warm_up(tokens, max_running, model.context_length)
+        log.info("warmed up %s: a %d-token prompt and batches up to %d in %d steps, %.1f s", model.model_id,
+                 tokens, max_running, steps, time.perf_counter() - started)
 
     def preload() -> None:
         _preload(settings, sources, source_setting, model_id)()
@@ -88,7 +102,7 @@ def model_engine(settings: Settings, source_setting: str, model_id: str, max_run
     engine = Engine(_loader(settings, None, model_id, sources), max_running=max_running,
                     generator_factory=make_generator, preload=preload, kv_budget=kv_budget,
                     admission_group=settings.prefill_batch_size, admission_wait_steps=settings.admission_wait_steps,
-                    model_id=model_id, pinned=pinned)
+                    model_id=model_id, pinned=pinned, warm_up=warm_up)
     return engine
 
 

@@ -1,6 +1,9 @@
-"""The one module that drives mlx-lm's BatchGenerator (pinned: its API changed within 0.32.x).
+"""Continuous batching over one model, as the engine sees it: insert, remove, step.
 
-Runs on the engine thread only: every call here touches MLX.
+Underneath is Orchard's slot batcher (engine/batcher.py) for models whose caches are plain
+KV caches (Qwen2.5, Llama, SmolLM2...), or mlx-lm's BatchGenerator (pinned: its API changed
+within 0.32.x) for the rest, or when DECODE_BATCH=mlx-lm asks for it. Both take the same
+calls. Runs on the engine thread only: every call here touches MLX.
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ from mlx_lm.models.cache import KVCache
 from engine.logprobs import top_logprobs
 from engine.messages import AddRequest, TokenLogprob
 from engine.prefix_cache import PrefixCache, _trimmed
-from engine.sampling import SamplerFactory
+from engine.sampling import SamplerFactory, SamplingParams
 
 
 @dataclass(frozen=True)
@@ -31,9 +34,13 @@ class Generator:
 
     def __init__(self, model, eos_token_ids: Iterable[int], *, max_batch: int,
                  prefill_batch_size: int, prefill_step_size: int, prefix_cache_bytes: int = 0,
-                 grammar_tokenizer=None, stream=None):
+                 grammar_tokenizer=None, stream=None, decode_batch: str = "slots",
+                 prefill_chunk: Optional[int] = None):
+        from engine import batcher
+
         self._model = model
         self._prefill_budget = prefill_step_size  # prompt tokens per step, all prompts together
+        self._prefill_chunk = prefill_chunk or prefill_step_size  # the most one prompt advances per step
         self._grammar_tokenizer = grammar_tokenizer  # llguidance's view of the vocabulary, or None
         self._logprobs: dict[int, int] = {}  # uid -> top-k of rows that asked for logprobs
         self.prefill_tokens_saved = 0  # prompt tokens not recomputed thanks to shared prefills
@@ -42,7 +49,9 @@ class Generator:
         # (this batch's, the prompt scorer's) must run on one stream (the host's), in one order
         # on every rank; two streams would interleave their collectives (on the ring's sockets).
         self._stream = stream or mx.new_stream(mx.default_device())
-        self._batch = BatchGenerator(
+        self.slots = decode_batch == "slots" and batcher.supports(model)
+        make = batcher.SlotBatcher if self.slots else BatchGenerator
+        self._batch = make(
             model,
             stop_tokens=[[t] for t in self._eos],
             completion_batch_size=max_batch,
@@ -125,6 +134,8 @@ class Generator:
         else:
             layers, cached = self.prefix_cache.lookup(prompt, request.cache_scope)
             start = cached
+        if self.slots:  # it computes log-probabilities only when a row needs them
+            row = dict(row, wants_logprobs=[request.logprobs is not None])
         (uid,) = self._batch.insert([prompt[start:]], caches=[layers] if layers else None,
                                     all_tokens=[prompt[:start]], **row)
         if request.cache_scope:
@@ -216,11 +227,16 @@ class Generator:
         return out
 
     def _chunk(self) -> int:
-        """Each prompt's share of this step's budget: the prompts mlx-lm will prefill this step
-        (those in its prompt batch and those that join it now) split PREFILL_STEP_SIZE."""
+        """Each prompt's share of this step's budget: the prompts the batch will prefill this step
+        (those in its prompt batch and those that join it now) split PREFILL_STEP_SIZE, and none
+        advances more than PREFILL_CHUNK_SIZE."""
         batch = self._batch
-        joining = min(len(batch._unprocessed_sequences), max(0, batch.prefill_batch_size - len(batch._prompt_batch)))
-        return max(16, self._prefill_budget // max(1, len(batch._prompt_batch) + joining))
+        if self.slots:
+            prompts = batch.prompts_next_step()
+        else:
+            joining = min(len(batch._unprocessed_sequences), max(0, batch.prefill_batch_size - len(batch._prompt_batch)))
+            prompts = len(batch._prompt_batch) + joining
+        return min(self._prefill_chunk, max(16, self._prefill_budget // max(1, prompts)))
 
     def _token_logprobs(self, responses, uids: list[int]) -> dict[int, TokenLogprob]:
         """The sampled token's logprob and the top k, for the rows that asked."""
@@ -253,6 +269,44 @@ class Generator:
         for tokens, layers, scope in kept:
             length = min(layers[0].offset, len(tokens))
             self.prefix_cache.store(tokens[:length], layers, sum(c.nbytes for c in layers), scope)
+
+    def warm_up(self, prompt_tokens: int, rows: int, context: int) -> int:
+        """Run the shapes this server will use once, before it says ready: one synthetic prompt
+        of `prompt_tokens` (prefilled in the configured chunks, so a long prompt's attention
+        sizes), then decode steps at batch sizes 1, 2, 4... up to `rows`. Nothing it leaves
+        stays: the prefix cache is emptied. Returns the steps it took."""
+        vocab = max(self._vocab_size or 512, 8)
+
+        def prompt(seed: int, n: int) -> list[int]:
+            return [(seed * 7919 + i * 104729) % (vocab - 2) + 1 for i in range(n)]
+
+        greedy = SamplingParams(temperature=0.0)
+        waves = [[AddRequest("warm-up", prompt(0, max(2, min(prompt_tokens, context - 4))), 2, greedy, ignore_eos=True)]]
+        size = 1
+        while size <= rows:
+            waves.append([AddRequest(f"warm-up-{size}-{i}", prompt(size + i, 16), 3, greedy, ignore_eos=True)
+                          for i in range(size)])
+            size *= 2
+        steps = 0
+        for wave in waves:
+            self.insert_many(wave)
+            while self.busy:
+                self.step()
+                steps += 1
+        self.prefix_cache.clear()
+        self.prefix_cache.stats = type(self.prefix_cache.stats)()
+        self.prefill_tokens_saved = 0
+        return steps
+
+    @property
+    def busy(self) -> bool:
+        """Any sequence queued, prefilling, decoding or waiting for a shared prefill."""
+        batch = self._batch
+        if self._followers:
+            return True
+        if self.slots:
+            return batch.busy
+        return bool(batch._generation_batch.uids or batch._prompt_batch.uids or batch._unprocessed_sequences)
 
     @property
     def phase_seconds(self) -> tuple[float, float]:

@@ -44,8 +44,7 @@ def drain(gen: Generator, uids: set[int], steps: int = 200) -> dict[int, list[in
     for _ in range(steps):
         for t in gen.step():
             out.setdefault(t.uid, []).append(t.token)
-        if not (gen._batch._generation_batch.uids or gen._batch._prompt_batch.uids
-                or gen._batch._unprocessed_sequences or gen._followers):
+        if not gen.busy:
             break
     return out
 
@@ -97,7 +96,7 @@ def test_followers_survive_their_leader_leaving_before_its_prompt_is_done(model)
     assert results[0][0] not in out and results[2][0] not in out
 
 
-@pytest.mark.parametrize("raw, cpu, budget", [("auto", True, 128), ("auto", False, 512), ("64", True, 64),
+@pytest.mark.parametrize("raw, cpu, budget", [("auto", True, 128), ("auto", False, 4096), ("64", True, 64),
                                               ("2048", False, 2048)])
 def test_the_budget_setting_is_auto_per_device_or_a_number(raw, cpu, budget):
     from config import load_settings
@@ -111,3 +110,38 @@ def test_a_bad_budget_setting_is_refused_at_start(raw):
 
     with pytest.raises(SettingsError, match="PREFILL_STEP_SIZE"):
         load_settings({"PREFILL_STEP_SIZE": raw}, dotenv=False)
+
+
+@pytest.mark.parametrize("raw,cpu,tokens", [("auto", True, 0), ("auto", False, 8192), ("0", False, 0), ("300", True, 300)])
+def test_the_warm_up_setting_is_auto_per_device_or_a_number(raw, cpu, tokens):
+    from config import load_settings
+
+    assert load_settings({"WARMUP_TOKENS": raw}, dotenv=False).warmup(cpu) == tokens
+
+
+@pytest.mark.parametrize("raw", ["big", "-1", "2000000"])
+def test_a_bad_warm_up_setting_is_refused_at_start(raw):
+    from config import SettingsError, load_settings
+
+    with pytest.raises(SettingsError, match="WARMUP_TOKENS"):
+        load_settings({"WARMUP_TOKENS": raw}, dotenv=False)
+
+
+@pytest.mark.parametrize("raw,cpu,chunk", [("auto", True, 128), ("auto", False, 512), ("256", False, 256)])
+def test_the_chunk_setting_is_auto_per_device_or_a_number(raw, cpu, chunk):
+    from config import load_settings
+
+    assert load_settings({"PREFILL_CHUNK_SIZE": raw}, dotenv=False).prefill_chunk(cpu) == chunk
+
+
+def test_one_prompt_never_advances_more_than_its_chunk_while_short_ones_share_the_budget(model):
+    gen = Generator(model, [0], max_batch=16, prefill_batch_size=8, prefill_step_size=256, prefill_chunk=48)
+    gen.insert(request("long", LONG, 2))
+    model.fed.clear()
+    gen.step()
+    assert max(n for _, n in model.fed) == 48  # alone, the long prompt still takes one chunk
+    gen = Generator(model, [0], max_batch=16, prefill_batch_size=8, prefill_step_size=256, prefill_chunk=48)
+    gen.insert_many([request(f"s{i}", [3 + i] * 30, 2) for i in range(8)])
+    model.fed.clear()
+    gen.step()
+    assert sum(r * n for r, n in model.fed if n > 1) == 8 * 29  # eight short prompts in one step

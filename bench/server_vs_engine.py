@@ -1,0 +1,212 @@
+"""Issue 14 on the GPU, in one run: the server against its own engine, every prompt distinct.
+
+1. Raw rows: mlx-lm's BatchGenerator on the same random-weight shape, in this process,
+   distinct 128-token prompts all inserted at once, 128 tokens each (each level warmed
+   first); plus its single-row decode step time (the inter-token reference).
+2. For each server setting (e.g. DECODE_BATCH=slots and DECODE_BATCH=mlx-lm), one fresh
+   Gunicorn server: the first long prompt after /health (cold) and a second one (warm),
+   then each level warmed once and measured once with prompts nobody has seen (no prefix
+   cache hit beyond the chat template), then SIGTERM while streams run: its exit code.
+
+    python -m bench.server_vs_engine --tokenizer DIR [--settings DECODE_BATCH=slots,DECODE_BATCH=mlx-lm]
+        [--levels 1,8,64,128] [--out $OUT]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+from bench.gpu_suite import ROOT, metric_sums, server_latency_split, status_of, wait_healthy
+
+WORDS = ("time year people way day man thing woman life child world school state family student group country "
+         "problem hand part place case week company system program question work government number night point "
+         "home water room mother area money story fact month lot right study book eye job word business issue side "
+         "kind head house service friend father power hour game line end member law car city community name "
+         "president team minute idea kid body information back parent face others level office door health person "
+         "art war history party result change morning reason research girl guy moment air teacher force education").split()
+
+
+def distinct_prompts(n: int, seed: int, words: int = 100) -> list[str]:
+    """n prompts of ordinary words (~128 tokens each), distinct from their first word on."""
+    rnd = random.Random(seed)
+    return [f"{seed}-{i}: " + " ".join(rnd.choice(WORDS) for _ in range(words)) for i in range(n)]
+
+
+def raw_rows(shape: str, model_dir: Path, levels: list[int], gen: int) -> dict:
+    import mlx.core as mx
+    from mlx_lm.generate import BatchGenerator
+
+    from engine.loader import _load_dummy
+
+    model, _, config = _load_dummy(model_dir)
+    vocab = config["vocab_size"]
+
+    def once(batch: int, seed: int) -> float:
+        rnd = random.Random(seed)
+        generator = BatchGenerator(model, max_tokens=gen, completion_batch_size=batch,
+                                   prefill_batch_size=min(batch, 16))
+        prompts = [[rnd.randrange(10, vocab) for _ in range(128)] for _ in range(batch)]
+        start = time.perf_counter()
+        generator.insert(prompts)
+        tokens = finished = 0
+        while finished < batch:
+            for r in generator.next_generated():
+                tokens += 1
+                finished += r.finish_reason is not None
+        mx.synchronize()
+        elapsed = time.perf_counter() - start
+        generator.close()
+        return tokens / elapsed
+
+    rows = {}
+    for batch in levels:
+        once(batch, batch)  # warm this batch shape
+        rows[batch] = round(once(batch, 1000 + batch), 1)
+        print(f"raw BatchGenerator batch {batch}: {rows[batch]} tok/s", flush=True)
+    # The single-row decode step, timed over a long generation (prefill excluded).
+    generator = BatchGenerator(model, max_tokens=400, completion_batch_size=1, prefill_batch_size=1)
+    generator.insert([[11] * 128])
+    for _ in range(20):
+        generator.next_generated()
+    mx.synchronize()
+    start, steps = time.perf_counter(), 0
+    while steps < 300:
+        steps += len(generator.next_generated())
+    mx.synchronize()
+    step_ms = (time.perf_counter() - start) / steps * 1000
+    generator.close()
+    print(f"raw single-row decode step: {step_ms:.2f} ms", flush=True)
+    del model
+    mx.clear_cache()
+    return {"tok_s": rows, "step_ms_batch1": round(step_ms, 3)}
+
+
+def long_prompt_ttft(base: str, model: str, text: str) -> float:
+    start = time.perf_counter()
+    with requests.post(base + "/v1/chat/completions", stream=True, timeout=600, json={
+            "model": model, "max_tokens": 2, "temperature": 0, "stream": True,
+            "messages": [{"role": "user", "content": text}]}) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if line.startswith(b"data: {") and b'"content"' in line:
+                return time.perf_counter() - start
+    raise RuntimeError("no token")
+
+
+def bench_level(base: str, level: int, prompts_file: Path, json_out: Path, gen: int, requests_n: int) -> dict:
+    cmd = [sys.executable, "-m", "bench", "--url", base + "/v1", "--concurrency", str(level), "--max-tokens",
+           str(gen), "--quiet", "--warmup", "0", "--prompts", str(prompts_file), "--json", str(json_out),
+           "--requests-per-level", str(requests_n)]
+    subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    level_doc = json.loads(json_out.read_text())["levels"][0]
+    summary = level_doc.get("summary") or level_doc
+    keep = ("tok_per_s", "ttft_p50", "ttft_p95", "itl_mean", "itl_p95", "failed", "ok", "tpot_mean")
+    return {k: summary.get(k) for k in keep}
+
+
+def run_server(setting: str, shape_dir: Path, args, out: Path) -> dict:
+    overrides = dict(part.partition("=")[::2] for part in setting.split("+"))  # A=1+B=2
+    port = 8100
+    env = {**os.environ, "MODEL": str(shape_dir), "MODEL_ID": "m", "LOAD_FORMAT": "dummy", "PORT": str(port),
+           "MAX_CONCURRENT_REQUESTS": str(max(args.levels)), "REQUEST_QUEUE_SIZE": "1024",
+           "WORKER_CONNECTIONS": "4000", "PREFILL_BATCH_SIZE": "16", "LOG_LEVEL": "warning", **overrides}
+    tag = setting.replace("=", "-").replace("+", "_").lower()
+    scratch = Path("/tmp/server-vs-engine-prompts")
+    scratch.mkdir(exist_ok=True)
+    log = open(out / f"server-{tag}.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", str(ROOT / "gunicorn.conf.py")],
+                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    result: dict = {"setting": setting}
+    try:
+        wait_healthy(base, proc)
+        words = args.long_words
+        cold = long_prompt_ttft(base, "m", distinct_prompts(1, 7, words)[0])
+        warm = long_prompt_ttft(base, "m", distinct_prompts(1, 8, words)[0])
+        result["long_prompt"] = {"words": words, "first_ttft_s": round(cold, 3), "second_ttft_s": round(warm, 3),
+                                 "first_over_second": round(cold / warm, 2)}
+        print(setting, "long prompt", result["long_prompt"], flush=True)
+        levels = {}
+        for level in args.levels:
+            n = max(args.rounds * level, 8)
+            for phase, seed in (("warm", 10 * level), ("measured", 10 * level + 1)):
+                prompts = scratch / f"{tag}-{level}-{phase}.json"
+                prompts.write_text(json.dumps(distinct_prompts(n, seed + hash(tag) % 1000)))
+                before, before_metrics = status_of(base), metric_sums(base)
+                json_out = (out if phase == "measured" else scratch) / f"{tag}-c{level}-{phase}.json"
+                row = bench_level(base, level, prompts, json_out, args.max_tokens, n)
+                after = status_of(base)
+                row["first_pass"] = phase == "warm"
+                if phase == "warm":
+                    first = row
+            row["first_pass_tok_s"] = first["tok_per_s"]
+            for key in ("steps", "step_seconds", "prefill_seconds", "decode_seconds"):
+                row[f"engine_{key}"] = round(after["batch"][key] - before["batch"][key], 3)
+            row.update(server_latency_split(before_metrics, metric_sums(base)))
+            levels[level] = row
+            print(setting, level, row, flush=True)
+        result["levels"] = levels
+        # A stop under load: SIGTERM while streams decode; the drain must end with exit 0.
+        prompts = scratch / f"{tag}-stop.json"
+        prompts.write_text(json.dumps(distinct_prompts(64, 99)))
+        load = subprocess.Popen([sys.executable, "-m", "bench", "--url", base + "/v1", "--concurrency", "32",
+                                 "--max-tokens", "64", "--quiet", "--warmup", "0", "--prompts", str(prompts),
+                                 "--requests-per-level", "64"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        time.sleep(2)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            result["exit_code_on_stop"] = proc.wait(120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            result["exit_code_on_stop"] = "killed after 120 s"
+    if "load" in locals():
+        load.wait(120)
+    log.close()
+    result["log_tail"] = (out / f"server-{tag}.log").read_text()[-1500:]
+    print(setting, "exit code on stop:", result["exit_code_on_stop"], flush=True)
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokenizer", type=Path)
+    parser.add_argument("--shape", default="qwen2.5-0.5b")
+    parser.add_argument("--settings", default="DECODE_BATCH=slots,DECODE_BATCH=mlx-lm")
+    parser.add_argument("--levels", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 64, 128])
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--long-words", type=int, default=6000, help="the long prompt's length in words")
+    parser.add_argument("--rounds", type=int, default=3, help="requests per level = rounds x streams")
+    parser.add_argument("--no-raw", action="store_true")
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench-results")))
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    from engine.random_model import write_random_model
+
+    shape_dir = write_random_model(Path(f"/tmp/orchard-{args.shape}"), args.shape, weights=False,
+                                   dtype="bfloat16", tokenizer_from=args.tokenizer)
+    doc: dict = {"shape": args.shape, "levels": args.levels, "max_tokens": args.max_tokens}
+    summary = args.out / "server_vs_engine.json"
+    if not args.no_raw:
+        doc["raw"] = raw_rows(args.shape, shape_dir, args.levels, args.max_tokens)
+        summary.write_text(json.dumps(doc, indent=1))
+    doc["servers"] = []
+    for setting in args.settings.split(","):
+        doc["servers"].append(run_server(setting, shape_dir, args, args.out))
+        summary.write_text(json.dumps(doc, indent=1))
+    print(json.dumps(doc, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

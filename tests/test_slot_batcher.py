@@ -1,0 +1,179 @@
+"""engine/batcher.py: rows keep a KV slot, joining rows ride the next decode step, leaving rows
+free their slot; output equals mlx-lm's BatchGenerator and one-at-a-time (greedy), for
+staggered arrivals, one-token prompts, prefix-cache hits, seeded sampling and logprobs."""
+from __future__ import annotations
+
+import random
+
+import mlx.core as mx
+import pytest
+from mlx_lm import load
+
+from engine.generator import Generator
+from engine.messages import AddRequest
+from engine.sampling import SamplingParams
+
+GREEDY = SamplingParams(temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    model, _ = load(str(tiny_model_dir))
+    fed: list[tuple[int, int]] = []
+    forward = type(model).__call__
+
+    class Counted(type(model)):  # records each forward pass's (rows, positions)
+        def __call__(self, inputs, *args, **kwargs):
+            fed.append(tuple(inputs.shape))
+            return forward(self, inputs, *args, **kwargs)
+
+    model.__class__ = Counted
+    model.fed = fed
+    return model
+
+
+def generator(model, kind: str, **kw) -> Generator:
+    options = dict(max_batch=8, prefill_batch_size=4, prefill_step_size=32, decode_batch=kind)
+    return Generator(model, [0], **{**options, **kw})
+
+
+def arrivals(seed: int, n: int = 14) -> dict[int, list]:
+    """Requests arriving at random steps: prompt lengths 1-70, 1-20 tokens each."""
+    rnd = random.Random(seed)
+    out: dict[int, list] = {}
+    for k in range(n):
+        prompt = [rnd.randint(3, 500) for _ in range(rnd.randint(1, 70))]
+        out.setdefault(rnd.randint(0, 40), []).append((f"r{k}", prompt, rnd.randint(1, 20)))
+    return out
+
+
+def play(gen: Generator, schedule: dict[int, list], params=GREEDY, **request_kw) -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {}
+    ids: dict[int, str] = {}
+    for step in range(500):
+        for rid, prompt, max_tokens in schedule.get(step, []):
+            ((uid, _),) = gen.insert_many([AddRequest(rid, prompt, max_tokens, params, ignore_eos=True, **request_kw)])
+            ids[uid], out[rid] = rid, []
+        for t in gen.step():
+            if t.uid in ids:  # rows inserted before the schedule are not ours to record
+                out[ids[t.uid]].append(t.token)
+        if step > max(schedule) and not gen.busy:
+            return out
+    raise AssertionError("the batch never drained")
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_staggered_arrivals_match_mlx_lm_and_one_at_a_time(model, seed):
+    schedule = arrivals(seed)
+    slots = play(generator(model, "slots"), schedule)
+    reference = play(generator(model, "mlx-lm"), schedule)
+    assert slots == reference
+    for rid, prompt, max_tokens in [r for rs in schedule.values() for r in rs]:
+        assert len(slots[rid]) == max_tokens
+        assert play(generator(model, "slots"), {0: [(rid, prompt, max_tokens)]})[rid] == slots[rid]
+
+
+def test_the_slot_batcher_is_used_for_plain_kv_caches(model):
+    assert generator(model, "slots").slots and not generator(model, "mlx-lm").slots
+
+
+def test_a_joining_row_rides_the_next_decode_step_instead_of_a_pass_of_its_own(model):
+    for kind, solo_passes in (("slots", 0), ("mlx-lm", 1)):
+        gen = generator(model, kind)
+        for i in range(4):
+            gen.insert(AddRequest(f"d{i}", [5 + i, 6, 7], 60, GREEDY, ignore_eos=True))
+        for _ in range(4):
+            gen.step()
+        model.fed.clear()
+        gen.insert(AddRequest("new", [9, 8, 7, 6, 5], 60, GREEDY, ignore_eos=True))
+        for _ in range(4):
+            gen.step()
+        decode = [shape for shape in model.fed if shape[1] == 1]
+        assert sum(1 for rows, _ in decode if rows == 1) == solo_passes, (kind, model.fed)
+        assert (5, 1) in decode  # the new row decodes with the four others
+
+
+def test_leaving_rows_free_slots_that_newcomers_take_and_idle_halves_are_compacted(model):
+    gen = generator(model, "slots")
+    batch = gen._batch
+    for i in range(6):
+        gen.insert(AddRequest(f"a{i}", [5 + i, 6, 7], 3 if i < 3 else 40, GREEDY, ignore_eos=True))
+    for _ in range(8):
+        gen.step()
+    assert len(batch._slots) == 6 and sum(r is None for r in batch._slots) == 3  # three left, nothing moved
+    for i in range(2):
+        gen.insert(AddRequest(f"b{i}", [7 + i, 6], 40, GREEDY, ignore_eos=True))
+    for _ in range(4):
+        gen.step()
+    assert len(batch._slots) == 6 and sum(r is None for r in batch._slots) == 1  # they took free slots
+    for _ in range(60):
+        gen.step()
+    assert not gen.busy and batch._slots == [] and batch._cache == []  # an empty batch holds no KV
+
+
+def test_prefix_cache_hits_and_shared_prefills_match_the_reference(model):
+    prompt = [(i * 11) % 500 + 3 for i in range(90)]
+    schedule = {0: [("first", prompt, 6)], 12: [("again", prompt + [42, 43], 6)],
+                14: [("n0", prompt[:50], 5), ("n1", prompt[:50], 5)]}
+    for kind in ("slots", "mlx-lm"):
+        gen = generator(model, kind, prefix_cache_bytes=1 << 30)
+        out = play(gen, schedule)
+        if kind == "slots":
+            slots, hits = out, gen.prefix_cache.stats.hits
+        else:
+            assert out == slots
+    assert hits >= 1
+    assert play(generator(model, "slots"), {0: [("again", prompt + [42, 43], 6)]})["again"] == slots["again"]
+
+
+def test_seeded_sampling_does_not_depend_on_the_neighbours(model):
+    seeded = SamplingParams(temperature=0.9, top_p=0.9, seed=1234)
+    alone = play(generator(model, "slots"), {0: [("s", [5, 6, 7], 12)]}, params=seeded)["s"]
+    gen = generator(model, "slots")
+    for i in range(3):
+        gen.insert(AddRequest(f"g{i}", [9 + i, 6], 30, GREEDY, ignore_eos=True))
+    gen.step()
+    beside = play(gen, {0: [("s", [5, 6, 7], 12)]}, params=seeded)["s"]
+    assert beside == alone
+    reference = play(generator(model, "mlx-lm"), {0: [("s", [5, 6, 7], 12)]}, params=seeded)["s"]
+    assert alone == reference
+
+
+def test_logprobs_equal_mlx_lm_and_only_rows_that_asked_get_them(model):
+    def run(kind):
+        gen = generator(model, kind)
+        gen.insert(AddRequest("plain", [5, 6, 7], 6, GREEDY, ignore_eos=True))
+        uid, _ = gen.insert(AddRequest("lp", [8, 6, 7, 9], 6, GREEDY, ignore_eos=True, logprobs=3))
+        got = {}
+        while gen.busy:
+            for t in gen.step():
+                got.setdefault(t.uid, []).append(t.logprob)
+        return got, uid
+
+    (slots, uid), (reference, ref_uid) = run("slots"), run("mlx-lm")
+    assert all(lp is None for k, lps in slots.items() if k != uid for lp in lps)
+    assert len(slots[uid]) == len(reference[ref_uid]) == 6
+    for mine, theirs in zip(slots[uid], reference[ref_uid]):
+        assert abs(mine.logprob - theirs.logprob) < 1e-4
+        assert [t for t, _ in mine.top] == [t for t, _ in theirs.top]
+
+
+def test_a_long_row_joining_shorter_ones_widens_the_batch_and_stays_exact(model):
+    long_prompt = [(i * 7) % 500 + 3 for i in range(200)]
+    schedule = {0: [("short", [5, 6, 7], 30)], 3: [("long", long_prompt, 8)], 30: [("late", [9, 9], 5)]}
+    slots = play(generator(model, "slots"), schedule)
+    assert slots == play(generator(model, "mlx-lm"), schedule)
+    assert slots["long"] == play(generator(model, "slots"), {0: [("long", long_prompt, 8)]})["long"]
+    mx.clear_cache()
+
+
+def test_warm_up_runs_a_long_prompt_and_every_batch_size_then_leaves_nothing_behind(model):
+    gen = generator(model, "slots", prefix_cache_bytes=1 << 30)
+    model.fed.clear()
+    steps = gen.warm_up(100, 8, context=1024)
+    assert steps > 0 and not gen.busy
+    assert {1, 2, 4, 8} <= {rows for rows, positions in model.fed if positions == 1}
+    assert sum(rows * positions for rows, positions in model.fed if rows == 1 and positions > 1) >= 99
+    assert len(gen.prefix_cache) == 0 and gen.prefix_cache.stats.hits == 0 and gen.prefix_cache.stats.stored == 0
+    schedule = arrivals(5, n=6)
+    assert play(gen, schedule) == play(generator(model, "slots"), schedule)

@@ -142,7 +142,7 @@ def run_server(setting: str, shape_dir: Path, args, out: Path) -> dict:
                 prompts = scratch / f"{tag}-{level}-{phase}.json"
                 prompts.write_text(json.dumps(distinct_prompts(n, seed + hash(tag) % 1000)))
                 before, before_metrics = status_of(base), metric_sums(base)
-                json_out = (out if phase == "measured" else scratch) / f"{tag}-c{level}-{phase}.json"
+                json_out = scratch / f"{tag}-c{level}-{phase}.json"  # the summary keeps what matters
                 row = bench_level(base, level, prompts, json_out, args.max_tokens, n)
                 after = status_of(base)
                 row["first_pass"] = phase == "warm"

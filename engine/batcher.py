@@ -36,6 +36,41 @@ from mlx_lm.sample_utils import greedy_sampler
 _KV_BLOCK = BatchKVCache.step  # columns the cache grows by; shared left padding past it is trimmed
 
 
+class _PromptBatch(PromptProcessingBatch):
+    """mlx-lm's prompt batch, with each pass's length padded up to a multiple of `bucket`.
+
+    On a GPU every new (rows, length, context) shape of a prefill pass builds its attention
+    kernel the first time (50-140 ms against 7-15 ms warm on an H100; docs/benchmarks.md),
+    and in a server prompt lengths never repeat, so unpadded nearly every pass is a new shape.
+    Padded, chunks and contexts stay on a few multiples of the bucket, which the start-up
+    warm-up compiles. The padding goes in as right padding: the junk positions come after
+    each row's real tokens (causal attention never sees them) and mlx-lm's finalize rolls
+    them to the left, where the left padding masks them from then on."""
+
+    bucket = 1
+
+    def prompt(self, tokens):
+        if self.bucket > 1 and tokens:
+            longest = max(len(t) for t in tokens)
+            target = -(-longest // self.bucket) * self.bucket
+            if target != longest or any(len(t) != longest for t in tokens):
+                return self._padded(tokens, target)
+        return super().prompt(tokens)
+
+    def _padded(self, tokens, target: int):
+        for kept, new in zip(self.tokens, tokens):
+            kept += new
+        lengths = [len(t) for t in tokens]
+        padding = [target - n for n in lengths]
+        for c in self.prompt_cache:
+            c.prepare(lengths=lengths, right_padding=padding)
+        self.model(mx.array([t + [0] * (target - len(t)) for t in tokens]), cache=self.prompt_cache)
+        mx.eval([c.state for c in self.prompt_cache])
+        for c in self.prompt_cache:
+            c.finalize()
+        mx.eval([c.state for c in self.prompt_cache])
+
+
 def supports(model) -> bool:
     """Slots need plain KV caches (a sliding window or a recurrent state cannot move like that)."""
     return all(type(c) is KVCache for c in make_prompt_cache(model))
@@ -80,8 +115,9 @@ class SlotBatcher:
     """insert / next / remove / extract_cache, as mlx-lm's BatchGenerator, over decode slots."""
 
     def __init__(self, model, *, stop_tokens, completion_batch_size: int, prefill_batch_size: int,
-                 prefill_step_size: int, stream=None):
+                 prefill_step_size: int, stream=None, prefill_bucket: int = 1):
         self.model = model
+        self.prefill_bucket = prefill_bucket  # prefill passes pad to multiples of it (GPU: see _PromptBatch)
         self.completion_batch_size = completion_batch_size
         self.prefill_batch_size = prefill_batch_size
         self.prefill_step_size = prefill_step_size
@@ -91,7 +127,7 @@ class SlotBatcher:
         self._counters = _Counters()
         # Prefill: mlx-lm's prompt batch (chunking, right padding, merged prefix-cache states).
         self._unprocessed_sequences: deque = deque()  # (uid, segments, max_tokens, cache, tokens, sampler, processors, stop)
-        self._prompt_batch = PromptProcessingBatch.empty(model, greedy_sampler, prefill_step_size=prefill_step_size)
+        self._prompt_batch = self._empty_prompt_batch()
         self._currently_processing: list = []  # [segments, done, total] per prompt-batch row
         self._options: dict[int, tuple] = {}  # uid -> (max_tokens, stop, wants_logprobs) until it decodes
         self._joining: list[tuple[PromptProcessingBatch, list]] = []  # prefilled groups and their last tokens
@@ -449,17 +485,19 @@ class SlotBatcher:
             last = [self._currently_processing[i][0][0][0] for i in done]
             if len(done) == len(self._prompt_batch):  # the whole batch: no split copy
                 group = self._prompt_batch
-                self._prompt_batch = PromptProcessingBatch.empty(self.model, greedy_sampler,
-                                                                 prefill_step_size=self.prefill_step_size)
+                self._prompt_batch = self._empty_prompt_batch()
                 self._currently_processing = []
             else:
                 group = self._prompt_batch.split(done)
                 self._currently_processing = [s for i, s in enumerate(self._currently_processing) if i not in done]
             self._joining.append((group, last))
         prompts = []
+        share = self.prefill_step_size
+        if self.prefill_bucket > 1:  # chunk boundaries on the bucket: contexts stay on it too
+            share = max(self.prefill_bucket, share - share % self.prefill_bucket)
         for seq in self._currently_processing:
             segments = seq[0]
-            take = min(len(segments[0]), self.prefill_step_size)
+            take = min(len(segments[0]), share)
             prompts.append(segments[0][:take])
             segments[0] = segments[0][take:]
             if not segments[0]:
@@ -472,13 +510,20 @@ class SlotBatcher:
             self._counters.prompt_tokens += sum(len(p) for p in prompts)
             self._counters.prompt_time += time.perf_counter() - tic
 
+    def _empty_prompt_batch(self) -> _PromptBatch:
+        batch = _PromptBatch.empty(self.model, greedy_sampler, prefill_step_size=self.prefill_step_size)
+        batch.bucket = self.prefill_bucket
+        return batch
+
     def _take(self, n: int) -> PromptProcessingBatch:
         taken = [self._unprocessed_sequences.popleft() for _ in range(n)]
         for seq in taken:
             self._currently_processing.append([seq[1], 0, sum(len(s) for s in seq[1])])
-        return PromptProcessingBatch(
+        batch = _PromptBatch(
             model=self.model, uids=[s[0] for s in taken], caches=[s[3] for s in taken],
             tokens=[s[4] for s in taken], prefill_step_size=self.prefill_step_size,
             samplers=[s[5] for s in taken], fallback_sampler=greedy_sampler,
             logits_processors=[s[6] for s in taken], stop_sequences=[s[7] for s in taken],
             max_tokens=[s[2] for s in taken])
+        batch.bucket = self.prefill_bucket
+        return batch

@@ -17,6 +17,9 @@ if TYPE_CHECKING:
     from engine.host import EngineHost
 
 log = logging.getLogger("orchard.engine")
+# On a GPU, prefill passes pad to multiples of this so their shapes repeat (engine/batcher.py);
+# the CPU compiles nothing per shape, and there padding would only cost compute.
+PREFILL_BUCKET_GPU = 64
 _UNBOUNDED = 1 << 62  # 'auto': the engine trims the prefix cache to what the KV budget leaves free
 
 
@@ -78,6 +81,7 @@ def model_engine(settings: Settings, source_setting: str, model_id: str, max_run
                          prefill_batch_size=settings.prefill_batch_size,
                          prefill_step_size=settings.prefill_tokens(mx.default_device().type == mx.cpu),
                          prefill_chunk=settings.prefill_chunk(mx.default_device().type == mx.cpu),
+                         prefill_bucket=1 if mx.default_device().type == mx.cpu else PREFILL_BUCKET_GPU,
                          prefix_cache_bytes=_UNBOUNDED if settings.prefix_cache_cap is None else settings.prefix_cache_cap,
                          grammar_tokenizer=model.grammar_tokenizer, stream=stream,
                          decode_batch=settings.decode_batch)

@@ -35,12 +35,13 @@ class Generator:
     def __init__(self, model, eos_token_ids: Iterable[int], *, max_batch: int,
                  prefill_batch_size: int, prefill_step_size: int, prefix_cache_bytes: int = 0,
                  grammar_tokenizer=None, stream=None, decode_batch: str = "slots",
-                 prefill_chunk: Optional[int] = None):
+                 prefill_chunk: Optional[int] = None, prefill_bucket: int = 1):
         from engine import batcher
 
         self._model = model
         self._prefill_budget = prefill_step_size  # prompt tokens per step, all prompts together
         self._prefill_chunk = prefill_chunk or prefill_step_size  # the most one prompt advances per step
+        self._prefill_bucket = prefill_bucket
         self._grammar_tokenizer = grammar_tokenizer  # llguidance's view of the vocabulary, or None
         self._logprobs: dict[int, int] = {}  # uid -> top-k of rows that asked for logprobs
         self.prefill_tokens_saved = 0  # prompt tokens not recomputed thanks to shared prefills
@@ -50,15 +51,13 @@ class Generator:
         # on every rank; two streams would interleave their collectives (on the ring's sockets).
         self._stream = stream or mx.new_stream(mx.default_device())
         self.slots = decode_batch == "slots" and batcher.supports(model)
-        make = batcher.SlotBatcher if self.slots else BatchGenerator
-        self._batch = make(
-            model,
-            stop_tokens=[[t] for t in self._eos],
-            completion_batch_size=max_batch,
-            prefill_batch_size=min(prefill_batch_size, max_batch),
-            prefill_step_size=prefill_step_size,
-            stream=self._stream,
-        )
+        options = dict(stop_tokens=[[t] for t in self._eos], completion_batch_size=max_batch,
+                       prefill_batch_size=min(prefill_batch_size, max_batch), prefill_step_size=prefill_step_size,
+                       stream=self._stream)
+        if self.slots:
+            self._batch = batcher.SlotBatcher(model, prefill_bucket=prefill_bucket, **options)
+        else:
+            self._batch = BatchGenerator(model, **options)
         self._samplers = SamplerFactory()
         self._stops: dict[bool, StopSequences] = {}
         self.prefix_cache = PrefixCache(prefix_cache_bytes)
@@ -133,6 +132,10 @@ class Generator:
             layers = [_trimmed(layer, start) for layer in shared]
         else:
             layers, cached = self.prefix_cache.lookup(prompt, request.cache_scope)
+            if self.slots and self._prefill_bucket > 1 and cached % self._prefill_bucket:
+                # The rest of the prompt then prefills from a bucket boundary (see engine/batcher.py).
+                cached -= cached % self._prefill_bucket
+                layers = [_trimmed(layer, cached) for layer in layers] if cached else None
             start = cached
         if self.slots:  # it computes log-probabilities only when a row needs them
             row = dict(row, wants_logprobs=[request.logprobs is not None])
@@ -272,24 +275,34 @@ class Generator:
 
     def warm_up(self, prompt_tokens: int, rows: int, context: int) -> int:
         """Run the shapes this server will use once, before it says ready: one synthetic prompt
-        of `prompt_tokens` (prefilled in the configured chunks, so a long prompt's attention
-        sizes), then decode steps at batch sizes 1, 2, 4... up to `rows`. Nothing it leaves
-        stays: the prefix cache is emptied. Returns the steps it took."""
+        of `prompt_tokens` (prefilled in the configured chunks: a long prompt's attention
+        sizes); with bucketed prefill (GPU), every prompt-batch size with every bucketed chunk
+        length it can take; then decode steps at batch sizes 1, 2, 4... up to `rows`. Nothing
+        it leaves stays: the prefix cache is emptied. Returns the steps it took."""
         vocab = max(self._vocab_size or 512, 8)
+        serial = itertools.count()
 
-        def prompt(seed: int, n: int) -> list[int]:
-            return [(seed * 7919 + i * 104729) % (vocab - 2) + 1 for i in range(n)]
+        def wave(n: int, length: int, max_tokens: int) -> list[AddRequest]:
+            greedy = SamplingParams(temperature=0.0)
+            return [AddRequest(f"warm-up-{next(serial)}", [(k * 7919 + i * 104729) % (vocab - 2) + 1
+                                                          for i in range(length)], max_tokens, greedy, ignore_eos=True)
+                    for k in (next(serial) for _ in range(n))]
 
-        greedy = SamplingParams(temperature=0.0)
-        waves = [[AddRequest("warm-up", prompt(0, max(2, min(prompt_tokens, context - 4))), 2, greedy, ignore_eos=True)]]
+        waves = [wave(1, max(2, min(prompt_tokens, context - 4)), 2)]
+        bucket = self._prefill_bucket if self.slots else 1
+        if bucket > 1:
+            for n in range(1, self._batch.prefill_batch_size + 1):
+                share = min(self._prefill_chunk, max(16, self._prefill_budget // n))
+                for length in range(bucket, max(bucket, share - share % bucket) + 1, bucket):
+                    if length < context - 4:
+                        waves.append(wave(n, length + 1, 1))  # + its last token, which decodes
         size = 1
         while size <= rows:
-            waves.append([AddRequest(f"warm-up-{size}-{i}", prompt(size + i, 16), 3, greedy, ignore_eos=True)
-                          for i in range(size)])
+            waves.append(wave(size, 16, 3))
             size *= 2
         steps = 0
-        for wave in waves:
-            self.insert_many(wave)
+        for requests in waves:
+            self.insert_many(requests)
             while self.busy:
                 self.step()
                 steps += 1

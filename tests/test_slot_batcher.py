@@ -177,3 +177,29 @@ def test_warm_up_runs_a_long_prompt_and_every_batch_size_then_leaves_nothing_beh
     assert len(gen.prefix_cache) == 0 and gen.prefix_cache.stats.hits == 0 and gen.prefix_cache.stats.stored == 0
     schedule = arrivals(5, n=6)
     assert play(gen, schedule) == play(generator(model, "slots"), schedule)
+
+
+def test_bucketed_prefill_pads_every_pass_to_the_bucket_and_stays_exact(model):
+    """The GPU's bucketed prefill: every prompt pass is a multiple of the bucket long (rows x
+    positions), prefix-cache hits are cut to a bucket boundary, and the output is unchanged."""
+    prompt = [(i * 13) % 500 + 3 for i in range(150)]
+    schedule = {0: [("a", prompt, 5), ("b", prompt[:37], 5)], 2: [("c", [4, 5, 6], 5)],
+                20: [("again", prompt + [7, 8], 5)]}
+    plain = play(generator(model, "slots", prefix_cache_bytes=1 << 30), schedule)
+    gen = generator(model, "slots", prefix_cache_bytes=1 << 30, prefill_bucket=16, prefill_step_size=64)
+    model.fed.clear()
+    bucketed = play(gen, schedule)
+    assert bucketed == plain
+    prefill = [positions for _, positions in model.fed if positions > 1]
+    assert prefill and all(n % 16 == 0 for n in prefill)
+    assert gen.prefix_cache.stats.hits >= 1
+
+
+def test_bucketed_warm_up_covers_every_prompt_batch_size_and_chunk(model):
+    gen = generator(model, "slots", prefill_bucket=16, prefill_step_size=64, prefill_chunk=32)
+    model.fed.clear()
+    gen.warm_up(40, 4, context=1024)
+    shapes = {(rows, positions) for rows, positions in model.fed if positions > 1}
+    for rows in range(1, 5):  # prefill_batch_size 4; each size's share of 64 tokens, at most 32
+        for length in range(16, min(32, max(16, 64 // rows)) + 1, 16):
+            assert (rows, length) in shapes, (rows, length, sorted(shapes))

@@ -1,6 +1,6 @@
 """Issue 14 on the GPU, in one run: the server against its own engine, every prompt distinct.
 
-1. Raw rows: mlx-lm's BatchGenerator on the same random-weight shape, in this process,
+1. Raw rows (before and again after the servers): mlx-lm's BatchGenerator on the same random-weight shape, in this process,
    distinct 128-token prompts all inserted at once, 128 tokens each (each level warmed
    first); plus its single-row decode step time (the inter-token reference).
 2. For each server setting (e.g. DECODE_BATCH=slots and DECODE_BATCH=mlx-lm), one fresh
@@ -96,9 +96,11 @@ def long_prompt_ttft(base: str, model: str, text: str) -> float:
             "model": model, "max_tokens": 2, "temperature": 0, "stream": True,
             "messages": [{"role": "user", "content": text}]}) as r:
         r.raise_for_status()
-        for line in r.iter_lines():
-            if line.startswith(b"data: {") and b'"content"' in line:
-                return time.perf_counter() - start
+        for line in r.iter_lines():  # the first chunk with text (the role chunk comes at admission)
+            if line.startswith(b"data: {"):
+                choices = json.loads(line[6:]).get("choices") or [{}]
+                if (choices[0].get("delta") or {}).get("content"):
+                    return time.perf_counter() - start
     raise RuntimeError("no token")
 
 
@@ -203,6 +205,9 @@ def main() -> int:
     doc["servers"] = []
     for setting in args.settings.split(","):
         doc["servers"].append(run_server(setting, shape_dir, args, args.out))
+        summary.write_text(json.dumps(doc, indent=1))
+    if not args.no_raw:  # a second reading: the machine drifts, so the servers sit between two
+        doc["raw_after"] = raw_rows(args.shape, shape_dir, args.levels, args.max_tokens)
         summary.write_text(json.dumps(doc, indent=1))
     print(json.dumps(doc, indent=1))
     return 0

@@ -83,10 +83,13 @@ def phase(streams: list[list[float]], start: float, end: float, overlap: bool) -
     """Gaps between consecutive tokens of each stream: inside [start, end], or (overlap) any gap
     that overlaps it (a freeze that began before the window or ends after it counts whole)."""
     inside = (lambda a, b: b > start and a < end) if overlap else (lambda a, b: a >= start and b <= end)
-    gaps = [b - a for times in streams for a, b in zip(times, times[1:]) if inside(a, b)]
+    spans = [(b - a, a) for times in streams for a, b in zip(times, times[1:]) if inside(a, b)]
+    gaps = [g for g, _ in spans]
     tokens = sum(start <= t <= end for times in streams for t in times)
     return {"seconds": round(end - start, 2), "tokens": tokens, "tok_s": round(tokens / (end - start), 2),
-            "longest_gap_s": round(max(gaps, default=0.0), 3), "itl_p50_s": _r(percentile(gaps, 50)),
+            "longest_gap_s": round(max(gaps, default=0.0), 3),
+            # where it began, from the window's start (a freeze at the end of a prefill is the join)
+            "longest_gap_from_start_s": round(max(spans)[1] - start, 3) if spans else None, "itl_p50_s": _r(percentile(gaps, 50)),
             "itl_p95_s": _r(percentile(gaps, 95))}
 
 

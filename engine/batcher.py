@@ -11,12 +11,21 @@ of its joins and leaves costs more than a decode step's worth of work:
 - every step normalizes the logits over the vocabulary (a full pass, costly on the CPU) and
   splits them into one array per row, even when every row is greedy and nobody asked for
   log-probabilities.
-Here a row owns a slot until it ends: joining rows are written into free slots and ride the
-next decode step with everyone else (their prompt's last token is their input there), a
-leaving row just frees its slot, and the cache is compacted only when more than half of it
-is idle or the shared left padding has grown by a KV block. Each row's length is tracked on
-the host, so no decision reads anything back from the device: the only host sync per step
-is reading the previous step's tokens (the step itself is pipelined one ahead).
+Here a row owns a slot until it ends (engine/decode_slots.py): joining rows are written into
+free slots and ride the next decode step with everyone else (their prompt's last token is
+their input there), a leaving row just frees its slot, and the cache is compacted only when
+more than half of it is idle or the shared left padding has grown by a KV block. Each row's
+length is tracked on the host, so no decision reads anything back from the device: the only
+host sync per step is reading the previous step's tokens (the step itself is pipelined one
+ahead).
+
+Rows of very different lengths do not share a cache: every slot of a batch cache spans the
+longest row's columns, so a 4k-token row joining eight 100-token rows made all nine attend
+over 4k columns (each step 6x slower on the CPU) and first allocated and zeroed 1.7 GB for
+them (4 s on the CPU, the whole "freeze" of the long-prompt benchmark). Rows join the
+decode group of their width class (under 2,048 tokens, then up to 4x more per class), and each
+step runs one forward pass per group that has rows: an extra pass only while rows of very
+different lengths decode at once.
 
 Every decision (where a row goes, when to compact) is made from this object's own state,
 never a clock, so every rank of a distributed group makes the same ones.
@@ -30,10 +39,20 @@ from typing import Any, List, Optional
 
 import mlx.core as mx
 from mlx_lm.generate import PromptProcessingBatch, StopSequences
-from mlx_lm.models.cache import BatchKVCache, KVCache, TokenBuffer, make_prompt_cache
+from mlx_lm.models.cache import KVCache, make_prompt_cache
 from mlx_lm.sample_utils import greedy_sampler
 
-_KV_BLOCK = BatchKVCache.step  # columns the cache grows by; shared left padding past it is trimmed
+from engine.decode_slots import DecodeGroup, Response, Row
+
+_SHORT_ROWS = 2048  # rows below this many tokens decode together; each class above spans 4x more
+
+
+def width_class(tokens: int) -> int:
+    """0 below _SHORT_ROWS tokens, then 1, 2... for each 4x beyond it."""
+    n, limit = 0, _SHORT_ROWS
+    while tokens >= limit:
+        n, limit = n + 1, limit * 4
+    return n
 
 
 class _PromptBatch(PromptProcessingBatch):
@@ -77,38 +96,10 @@ def supports(model) -> bool:
 
 
 @dataclass
-class Response:
-    uid: int
-    token: int
-    logprobs: Optional[mx.array]  # the row's log-probabilities over the vocabulary, when asked for
-    finish_reason: Optional[str]
-    prompt_cache: Optional[List[Any]]  # a finished row's KV state, per layer (lazy copies)
-    all_tokens: Optional[List[int]]  # the tokens that state holds
-
-
-@dataclass
 class _Counters:
     prompt_time: float = 0.0  # measured only: no decision reads these
     decode_time: float = 0.0
     prompt_tokens: int = 0
-
-
-class _Row:
-    __slots__ = ("uid", "tokens", "sampler", "processors", "context", "matcher", "max_tokens", "generated",
-                 "wants_logprobs", "priming", "live")
-
-    def __init__(self, uid, tokens, sampler, processors, stop, max_tokens, wants_logprobs):
-        self.uid = uid
-        self.tokens = tokens  # the tokens in this row's KV state (prompt, then what it generated)
-        self.sampler = sampler
-        self.processors = processors
-        self.context = TokenBuffer(tokens) if processors else None  # what the processors see
-        self.matcher = stop.matcher()
-        self.max_tokens = max_tokens
-        self.generated = 0
-        self.wants_logprobs = wants_logprobs
-        self.priming = True  # its first decode input is its prompt's last token (not a sample)
-        self.live = True
 
 
 class SlotBatcher:
@@ -131,15 +122,8 @@ class SlotBatcher:
         self._currently_processing: list = []  # [segments, done, total] per prompt-batch row
         self._options: dict[int, tuple] = {}  # uid -> (max_tokens, stop, wants_logprobs) until it decodes
         self._joining: list[tuple[PromptProcessingBatch, list]] = []  # prefilled groups and their last tokens
-        # Decode: one BatchKVCache per layer whose batch index is the slot.
-        self._cache: list[BatchKVCache] = []
-        self._slots: list[Optional[_Row]] = []  # occupant of each slot
-        self._lengths: list[int] = []  # tokens in each slot's KV state (host copy: no read-backs)
-        self._width = 0  # columns written so far (every slot's state ends there, left-padded)
-        self._by_uid: dict[int, int] = {}  # decoding uid -> slot
-        self._inputs: Optional[mx.array] = None  # next step's input per slot (the last step's samples)
-        self._prompt_last: list[int] = []  # each slot's prompt's last token (its first decode input)
-        self._pending = None  # (tokens, logprobs, owners) of the step in flight
+        # Decode: one group of slots per width class that has rows (engine/decode_slots.py).
+        self._groups: dict[int, DecodeGroup] = {}
 
     # ---- queue ------------------------------------------------------------
     def insert(self, prompts, max_tokens=None, caches=None, all_tokens=None, samplers=None,
@@ -179,10 +163,8 @@ class SlotBatcher:
                     last[i] = None  # prefilled, not yet in a slot: it never joins
         for uid in uids:
             self._options.pop(uid, None)
-            slot = self._by_uid.pop(uid, None)
-            if slot is not None:
-                self._slots[slot].live = False
-                self._slots[slot] = None
+            for group in self._groups.values():
+                group.drop(uid)
         return caches
 
     def extract_cache(self, uids) -> dict:
@@ -199,10 +181,10 @@ class SlotBatcher:
             for i, uid in enumerate(group.uids):
                 if uid in wanted and last[i] is not None:
                     out[uid] = (group.extract_cache(i), group.tokens[i])
-        for uid in wanted & self._by_uid.keys():
-            slot = self._by_uid[uid]
-            row = self._slots[slot]
-            out[uid] = (self._slot_state(slot, len(row.tokens)), list(row.tokens))
+        for group in self._groups.values():
+            for uid in wanted:
+                if uid in group:
+                    out[uid] = group.state_of(uid)
         return out
 
     @property
@@ -210,7 +192,7 @@ class SlotBatcher:
         total = sum(c.nbytes for seq in self._unprocessed_sequences for c in seq[3])
         total += sum(c.nbytes for c in self._prompt_batch.prompt_cache)
         total += sum(c.nbytes for group, _ in self._joining for c in group.prompt_cache)
-        return total + sum(c.nbytes for c in self._cache)
+        return total + sum(group.nbytes for group in self._groups.values())
 
     def prompts_next_step(self) -> int:
         """Prompts the next call will prefill a chunk of (the prefill budget's divisor)."""
@@ -219,7 +201,8 @@ class SlotBatcher:
 
     @property
     def busy(self) -> bool:
-        return bool(self._unprocessed_sequences or self._prompt_batch.uids or self._joining or self._by_uid)
+        return bool(self._unprocessed_sequences or self._prompt_batch.uids or self._joining
+                    or any(len(group) for group in self._groups.values()))
 
     # ---- one step -----------------------------------------------------------
     def next(self):
@@ -231,247 +214,49 @@ class SlotBatcher:
         return [], responses
 
     def _decode(self) -> list[Response]:
+        """Every group with rows launches its step, then hands out its previous one (in class
+        order: the same on every rank)."""
         tic = time.perf_counter()
         self._join_prefilled()
-        finished_step = self._pending
-        self._pending = None
-        if self._by_uid:
-            self._launch()
-        out = self._emit(finished_step) if finished_step is not None else []
-        if not self._by_uid and self._pending is None:
-            self._reset()  # nobody decodes: give the cache back
-        else:
-            self._compact()
-        if finished_step is not None or self._pending is not None:
+        out: list[Response] = []
+        busy = False
+        for width in sorted(self._groups):
+            group = self._groups[width]
+            busy = busy or group.active
+            out += group.step()
+        for width in [w for w, group in self._groups.items() if not group.active]:
+            del self._groups[width]  # it handed out its last step and holds no cache
+        if busy:
             self._counters.decode_time += time.perf_counter() - tic
         return out
 
-    def _launch(self) -> None:
-        """Queue the forward pass of every slot on its input, and the sampling."""
-        rows = self._slots
-        logits = self.model(self._inputs[:, None], cache=self._cache)[:, -1, :]
-        live = [(i, r) for i, r in enumerate(rows) if r is not None]
-        with_processors = [(i, r) for i, r in live if r.processors]
-        if with_processors:
-            processed = []
-            for i, r in with_processors:
-                context = r.context.update_and_fetch(self._inputs[i:i + 1])
-                row_logits = logits[i:i + 1]
-                for processor in r.processors:
-                    row_logits = processor(context, row_logits)
-                processed.append(row_logits)
-            logits[mx.array([i for i, _ in with_processors])] = mx.concatenate(processed, axis=0)
-        # Normalized only when a row samples from it or asked for log-probabilities: argmax
-        # does not need it, and over the vocabulary it is a full pass of the batch's logits.
-        needs = any(r.wants_logprobs or r.sampler is not greedy_sampler for _, r in live)
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True) if needs else None
-        sampled = self._sample(logits, logprobs, live)
-        for i in range(len(rows)):
-            self._lengths[i] += 1
-        for i, r in live:
-            if r.priming:  # its input was its prompt's last token: known now, and in its KV state
-                r.tokens.append(self._prompt_last[i])
-        self._width += 1
-        owners = list(rows)
-        for _, r in live:
-            r.priming = False
-        self._inputs = sampled
-        mx.async_eval(sampled, *(() if logprobs is None else (logprobs,)))
-        self._pending = (sampled, logprobs, owners)
-
-    def _sample(self, logits, logprobs, live) -> mx.array:
-        """Greedy rows take the argmax; each other sampler draws for its own rows (a seeded
-        row's sampler is its own, so its draws do not depend on its neighbours)."""
-        groups: dict[int, tuple] = {}
-        for i, r in live:
-            if r.sampler is not greedy_sampler:
-                groups.setdefault(id(r.sampler), (r.sampler, []))[1].append(i)
-        if len(groups) == 1 and len(live) == len(self._slots):
-            sampler, idx = next(iter(groups.values()))
-            if len(idx) == len(self._slots):
-                return sampler(logprobs)  # one sampler for the whole batch: one call
-        sampled = mx.argmax(logits, axis=-1)
-        for sampler, idx in groups.values():
-            picks = slice(idx[0], idx[0] + 1) if len(idx) == 1 else mx.array(idx)
-            sampled[picks] = sampler(logprobs[picks]).astype(sampled.dtype)
-        return sampled
-
-    def _emit(self, step) -> list[Response]:
-        """The previous step's tokens, to the rows that were in their slots when it launched."""
-        sampled, logprobs, owners = step
-        tokens = sampled.tolist()  # the one host sync of a step (this step is already queued)
-        out = []
-        for slot, (row, token) in enumerate(zip(owners, tokens)):
-            if row is None or not row.live:
-                continue
-            row.generated += 1
-            finish = None
-            if row.generated >= row.max_tokens:
-                finish = "length"
-            if row.matcher.advance(token):
-                finish = "stop"
-            row.tokens.append(token)  # it was the input of the step launched just now
-            row_logprobs = logprobs[slot] if logprobs is not None and row.wants_logprobs else None
-            if finish is None:
-                out.append(Response(row.uid, token, row_logprobs, None, None, None))
-                continue
-            state = self._slot_state(self._by_uid[row.uid], len(row.tokens))
-            out.append(Response(row.uid, token, row_logprobs, finish, state, row.tokens))
-            self._free(row)
-        return out
-
-    def _free(self, row: _Row) -> None:
-        slot = self._by_uid.pop(row.uid)
-        row.live = False
-        self._slots[slot] = None
-
-    # ---- slots ------------------------------------------------------------
-    def _slot_state(self, slot: int, length: int) -> list[KVCache]:
-        """A row's KV state as plain per-layer caches: lazy copies of its slot's last `length` columns."""
-        layers = []
-        start = self._width - self._lengths[slot]
-        for c in self._cache:
-            kv = KVCache()
-            kv.keys = mx.contiguous(c.keys[slot:slot + 1, :, start:start + length])
-            kv.values = mx.contiguous(c.values[slot:slot + 1, :, start:start + length])
-            kv.offset = length
-            layers.append(kv)
-        return layers
-
     def _decode_room(self) -> int:
-        return self.completion_batch_size - len(self._by_uid) - sum(
+        return self.completion_batch_size - sum(len(group) for group in self._groups.values()) - sum(
             sum(1 for t in last if t is not None) for _, last in self._joining)
 
     def _join_prefilled(self) -> None:
-        """Rows whose prompt (all but its last token) is in a KV state take free slots."""
-        for group, last in self._joining:
+        """Rows whose prompt (all but its last token) is in a KV state take slots in the group
+        of their width class."""
+        for batch, last in self._joining:
             keep = [i for i, t in enumerate(last) if t is not None]
             if not keep:
                 continue
-            if len(keep) < len(group.uids):
-                group.filter(keep)
+            if len(keep) < len(batch.uids):
+                batch.filter(keep)
                 last = [last[i] for i in keep]
-            self._join(group, last)
+            rows = []
+            for k, uid in enumerate(batch.uids):
+                limit, stop, wants = self._options.pop(uid)
+                rows.append(Row(uid, batch.tokens[k], batch.samplers[k], batch.logits_processors[k], stop, limit,
+                                wants))
+            # One class for the whole prefilled batch: its rows share its columns already.
+            width = width_class(max(len(t) for t in batch.tokens) + 1)
+            group = self._groups.get(width)
+            if group is None:
+                group = self._groups[width] = DecodeGroup(self.model)
+            group.join(batch, last, rows)
         self._joining = []
 
-    def _join(self, group: PromptProcessingBatch, last: list[int]) -> None:
-        g = group.prompt_cache[0]._idx if group.prompt_cache else 0  # the group's columns
-        lengths = [len(t) for t in group.tokens]
-        if g > self._width:
-            self._widen(g - self._width)
-        free = [i for i, r in enumerate(self._slots) if r is None]
-        slots = free[:len(group.uids)]
-        grow = len(group.uids) - len(slots)
-        if grow:
-            slots += list(range(len(self._slots), len(self._slots) + grow))
-            self._grow(grow, group)
-        if g:
-            index = mx.array(slots)
-            lo = self._width - g
-            for mine, theirs in zip(self._cache, group.prompt_cache):
-                self._allocate(mine, theirs)
-                mine.keys[index, :, lo:self._width] = theirs.keys[..., :g, :]
-                mine.values[index, :, lo:self._width] = theirs.values[..., :g, :]
-        # A new array, not an update in place: the old one is also the step in flight's result.
-        joined = [0] * len(self._slots)
-        for slot, token in zip(slots, last):
-            joined[slot] = 1
-        new = [0] * len(self._slots)
-        for slot, token in zip(slots, last):
-            new[slot] = token
-        if self._inputs is None:
-            self._inputs = mx.array(new, dtype=mx.uint32)
-        else:
-            self._inputs = mx.where(mx.array(joined, dtype=mx.bool_), mx.array(new, dtype=self._inputs.dtype),
-                                    self._inputs)
-        for k, slot in enumerate(slots):
-            uid = group.uids[k]
-            limit, stop, wants = self._options.pop(uid)
-            row = _Row(uid, group.tokens[k], group.samplers[k], group.logits_processors[k], stop, limit, wants)
-            self._slots[slot] = row
-            self._lengths[slot] = lengths[k]
-            self._by_uid[uid] = slot
-            self._prompt_last[slot] = last[k]
-        self._sync_offsets()
-
-    def _grow(self, n: int, group: PromptProcessingBatch) -> None:
-        """n more slots at the end (rows joined a full batch): one copy of the cache."""
-        self._slots += [None] * n
-        self._lengths += [0] * n
-        self._prompt_last += [0] * n
-        if self._inputs is not None:
-            self._inputs = mx.concatenate([self._inputs, mx.zeros((n,), dtype=self._inputs.dtype)])
-        if not self._cache:
-            self._cache = [BatchKVCache([0] * len(self._slots)) for _ in group.prompt_cache]
-            return
-        for mine in self._cache:
-            if mine.keys is not None:
-                b, h, size, dk = mine.keys.shape
-                mine.keys = mx.concatenate([mine.keys, mx.zeros((n, h, size, dk), dtype=mine.keys.dtype)])
-                mine.values = mx.concatenate(
-                    [mine.values, mx.zeros((n, h, size, mine.values.shape[3]), dtype=mine.values.dtype)])
-
-    def _allocate(self, mine: BatchKVCache, theirs: BatchKVCache) -> None:
-        """A layer that holds nothing yet (every row so far had a one-token prompt) gets its arrays."""
-        if mine.keys is not None:
-            return
-        _, h, _, dk = theirs.keys.shape
-        size = max(_KV_BLOCK, -(-self._width // _KV_BLOCK) * _KV_BLOCK)
-        mine.keys = mx.zeros((len(self._slots), h, size, dk), dtype=theirs.keys.dtype)
-        mine.values = mx.zeros((len(self._slots), h, size, theirs.values.shape[3]), dtype=theirs.values.dtype)
-
-    def _widen(self, n: int) -> None:
-        """A row longer than every slot joins: shift every slot's state n columns right."""
-        for c in self._cache:
-            if c.keys is not None:
-                pad = [(0, 0), (0, 0), (n, 0), (0, 0)]
-                c.keys = mx.pad(c.keys[..., :self._width, :], pad)
-                c.values = mx.pad(c.values[..., :self._width, :], pad)
-        self._width += n
-
-    def _compact(self) -> None:
-        """Drop idle slots when more than half are idle; drop columns no live row reaches back to."""
-        live = [i for i, r in enumerate(self._slots) if r is not None]
-        if not live:
-            return
-        idle = len(self._slots) - len(live)
-        trim = self._width - max(self._lengths[i] for i in live)
-        if idle <= len(live) and trim < _KV_BLOCK:
-            return
-        keep = mx.array(live) if idle > len(live) else None
-        for c in self._cache:
-            if c.keys is None:
-                continue
-            k, v = c.keys[..., trim:self._width, :], c.values[..., trim:self._width, :]
-            if keep is not None:
-                k, v = k[keep], v[keep]
-            c.keys, c.values = k, v
-        self._width -= trim
-        self._lengths = [min(n, self._width) for n in self._lengths]  # idle slots' stale rows
-        if keep is not None:
-            self._slots = [self._slots[i] for i in live]
-            self._lengths = [self._lengths[i] for i in live]
-            self._prompt_last = [self._prompt_last[i] for i in live]
-            self._by_uid = {r.uid: n for n, r in enumerate(self._slots)}
-            if self._inputs is not None:
-                self._inputs = self._inputs[keep]
-            if self._pending is not None:
-                sampled, logprobs, owners = self._pending
-                self._pending = (sampled[keep], None if logprobs is None else logprobs[keep], [owners[i] for i in live])
-        self._sync_offsets()
-
-    def _sync_offsets(self) -> None:
-        """Each layer's per-slot position and left padding, from the host's lengths."""
-        lengths = mx.array(self._lengths)
-        padding = mx.array([self._width - n for n in self._lengths])
-        for c in self._cache:
-            c.offset, c.left_padding, c._idx = lengths, padding, self._width
-
-    def _reset(self) -> None:
-        self._cache, self._slots, self._lengths, self._prompt_last = [], [], [], []
-        self._width, self._inputs = 0, None
-
-    # ---- prefill ------------------------------------------------------------
     def _prefill(self) -> None:
         """Take queued prompts into the prompt batch, hand finished ones to the slots (next
         call), and prefill one chunk of the rest."""

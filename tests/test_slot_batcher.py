@@ -95,11 +95,11 @@ def test_a_joining_row_rides_the_next_decode_step_instead_of_a_pass_of_its_own(m
 
 def test_leaving_rows_free_slots_that_newcomers_take_and_idle_halves_are_compacted(model):
     gen = generator(model, "slots")
-    batch = gen._batch
     for i in range(6):
         gen.insert(AddRequest(f"a{i}", [5 + i, 6, 7], 3 if i < 3 else 40, GREEDY, ignore_eos=True))
     for _ in range(8):
         gen.step()
+    batch = gen._batch._groups[0]
     assert len(batch._slots) == 6 and sum(r is None for r in batch._slots) == 3  # three left, nothing moved
     for i in range(2):
         gen.insert(AddRequest(f"b{i}", [7 + i, 6], 40, GREEDY, ignore_eos=True))
@@ -109,6 +109,7 @@ def test_leaving_rows_free_slots_that_newcomers_take_and_idle_halves_are_compact
     for _ in range(60):
         gen.step()
     assert not gen.busy and batch._slots == [] and batch._cache == []  # an empty batch holds no KV
+    assert gen._batch._groups == {}
 
 
 def test_prefix_cache_hits_and_shared_prefills_match_the_reference(model):
@@ -203,3 +204,24 @@ def test_bucketed_warm_up_covers_every_prompt_batch_size_and_chunk(model):
     for rows in range(1, 5):  # prefill_batch_size 4; each size's share of 64 tokens, at most 32
         for length in range(16, min(32, max(16, 64 // rows)) + 1, 16):
             assert (rows, length) in shapes, (rows, length, sorted(shapes))
+
+
+def test_rows_of_very_different_lengths_decode_in_separate_groups(model, monkeypatch):
+    """A long row does not widen the short rows' cache: it decodes in a group of its own (one
+    more forward pass per step while both have rows), and the output is unchanged."""
+    import engine.batcher
+
+    monkeypatch.setattr(engine.batcher, "_SHORT_ROWS", 64)
+    long_prompt = [(i * 7) % 500 + 3 for i in range(300)]
+    schedule = {0: [(f"s{i}", [5 + i, 6, 7], 30) for i in range(4)], 4: [("long", long_prompt, 8)]}
+    gen = generator(model, "slots")
+    model.fed.clear()
+    out = play(gen, schedule)
+    decode = [rows for rows, positions in model.fed if positions == 1]
+    assert out == play(generator(model, "mlx-lm"), schedule)
+    assert out["long"] == play(generator(model, "slots"), {0: [("long", long_prompt, 8)]})["long"]
+    assert 1 in decode and 4 in decode and 5 not in decode  # never one batch of all five
+    gen.step()  # the last step in flight is handed out: no group is left
+    assert gen._batch._groups == {}
+    assert engine.batcher.width_class(63) == 0 and engine.batcher.width_class(64) == 1
+    assert engine.batcher.width_class(255) == 1 and engine.batcher.width_class(256) == 2

@@ -57,7 +57,7 @@ class Settings:
     prefill_batch_size: int = _spec("PREFILL_BATCH_SIZE", "prompts prefilled together", min=1, max=1024)
     warmup_tokens: str = _spec("WARMUP_TOKENS", "before /health says ready, the engine prefills a synthetic prompt of this many tokens and decodes at batch sizes 1, 2, 4... up to MAX_CONCURRENT_REQUESTS, so the kernels of the shapes it will serve are compiled before the first request: 'auto' (8192 on a GPU, off on the CPU, where nothing compiles per shape), 0 (off) or a count")
     decode_batch: str = _spec("DECODE_BATCH", "the batching core: 'slots' (Orchard's: rows keep a KV slot, join the next decode step, no whole-cache copies; models with plain KV caches, others fall back) or 'mlx-lm' (mlx-lm's BatchGenerator)", choices=("slots", "mlx-lm"))
-    admission_wait_steps: str = _spec("ADMISSION_WAIT_STEPS", "engine steps a newcomer may wait for others to join the running batch with it (fewer prefill passes): 'auto' (0 on the CPU, where a pass costs per token, 8 on a GPU, where each pass has a fixed cost) or 0-1000")
+    admission_wait_steps: int = _spec("ADMISSION_WAIT_STEPS", "engine steps a newcomer may wait for others to join the running batch with it (fewer extra forward passes); 0: join at once", min=0, max=1000)
     blas: str = _spec("ORCHARD_BLAS", "Linux CPU BLAS: 'auto' preloads OpenBLAS when installed, 'bundled' keeps MLX's own", choices=("auto", "bundled"))
     log_level: str = _spec("LOG_LEVEL", "logging level", choices=("debug", "info", "warning", "error"))
     allow_public_bind: bool = _spec("ALLOW_PUBLIC_BIND", "allow a non-loopback HOST without API keys")
@@ -138,17 +138,6 @@ class Settings:
             raise SettingsError(f"{name}={raw!r} must be 'auto' or a whole number from 16 to 65536")
         return int(raw)
 
-    def admission_wait(self, cpu: bool) -> int:
-        """Steps a newcomer may wait to be admitted with others. 'auto': on a GPU every prefill
-        pass has a fixed cost, so gathering newcomers saves passes; on the CPU a pass costs per
-        token and a step is ~0.1 s, so waiting 8 steps only added ~1 s to TTFT (issue 14)."""
-        if self.admission_wait_steps == "auto":
-            return 0 if cpu else 8
-        raw = self.admission_wait_steps.strip()
-        if not raw.isdigit() or int(raw) > 1000:
-            raise SettingsError(f"ADMISSION_WAIT_STEPS={raw!r} must be 'auto' or a whole number from 0 to 1000")
-        return int(raw)
-
     def warmup(self, cpu: bool) -> int:
         """Prompt tokens of the start-up warm-up (0: none). 'auto': a GPU compiles kernels per
         shape on first use (a fresh server's first long prompt took 2-4x a warm one's, issue 14);
@@ -217,7 +206,7 @@ DEFAULTS: dict[str, str] = {
     "PREFILL_BATCH_SIZE": "8",
     "WARMUP_TOKENS": "auto",
     "DECODE_BATCH": "slots",
-    "ADMISSION_WAIT_STEPS": "auto",
+    "ADMISSION_WAIT_STEPS": "8",
     "ORCHARD_BLAS": "auto",
     "LOG_LEVEL": "info",
     "ALLOW_PUBLIC_BIND": "false",
@@ -302,7 +291,7 @@ def _check_consistency(s: Settings) -> None:
         raise SettingsError(f"TOOL_PARSER={s.tool_parser!r} must be auto, hermes or llama3_json")
     s.kv_budget_bytes, s.prefix_cache_cap, s.memory_budget_bytes  # validates the sizes
     s.prefill_tokens(cpu=True), s.prefill_chunk(cpu=True)
-    s.warmup(cpu=False), s.admission_wait(cpu=False)
+    s.warmup(cpu=False)
     if s.distributed_hostfile and not Path(s.distributed_hostfile).expanduser().is_file():
         raise SettingsError(f"DISTRIBUTED_HOSTFILE={s.distributed_hostfile!r}: no such file")
     if s.distributed_rank and not s.distributed_hostfile:

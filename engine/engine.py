@@ -63,7 +63,7 @@ class Engine:
     def __init__(self, loader: Callable[[bool], LoadedModel], *, max_running: int,
                  generator_factory: Callable[[LoadedModel, int], object],
                  preload: Optional[Callable[[], None]] = None, kv_budget: Optional[int] = None,
-                 admission_group: int = 1, admission_wait_steps=0, model_id: str = "",
+                 admission_group: int = 1, admission_wait_steps: int = 0, model_id: str = "",
                  pinned: bool = True, weight_estimate: int = 0,
                  warm_up: Optional[Callable[[object, LoadedModel, int], None]] = None):
         self._loader = loader
@@ -72,10 +72,8 @@ class Engine:
         self._kv_budget_setting = kv_budget
         self._generator_factory = generator_factory
         self._host = None
-        # An int, or a callable resolved on the host thread once the device is known.
-        self._admission_wait = admission_wait_steps
         self._scheduler = Scheduler(max_running=max_running, group_size=admission_group,
-                                    max_wait_steps=0 if callable(admission_wait_steps) else admission_wait_steps)
+                                    max_wait_steps=admission_wait_steps)
         self._generator = None
         self._scorer = None  # engine.prompt_scorer.PromptScorer once the model is loaded
         self._to_score: list[AddRequest] = []  # prompt-logprob requests that arrived while unloaded
@@ -225,8 +223,6 @@ class Engine:
 
     def _start_serving(self, model: LoadedModel) -> None:
         self._generator = self._generator_factory(model, self._scheduler.max_running, self._host.stream)
-        if callable(self._admission_wait):
-            self._scheduler.max_wait_steps = self._admission_wait()
         if self._warm_up is not None:
             self._warm_up(self._generator, model, self._scheduler.max_running)
         if hasattr(self._generator, "keep_prefix"):  # a real model (not the synthetic generator)

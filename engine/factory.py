@@ -105,15 +105,9 @@ def model_engine(settings: Settings, source_setting: str, model_id: str, max_run
 
     engine = Engine(_loader(settings, None, model_id, sources), max_running=max_running,
                     generator_factory=make_generator, preload=preload, kv_budget=kv_budget,
-                    admission_group=settings.prefill_batch_size, admission_wait_steps=lambda: settings.admission_wait(_on_cpu()),
+                    admission_group=settings.prefill_batch_size, admission_wait_steps=settings.admission_wait_steps,
                     model_id=model_id, pinned=pinned, warm_up=warm_up)
     return engine
-
-
-def _on_cpu() -> bool:
-    import mlx.core as mx  # the host thread, after the BLAS choice
-
-    return mx.default_device().type == mx.cpu
 
 
 def _preload(settings: Settings, sources: list, source_setting: Optional[str] = None, model_id: str = ""):

@@ -145,18 +145,3 @@ def test_one_prompt_never_advances_more_than_its_chunk_while_short_ones_share_th
     model.fed.clear()
     gen.step()
     assert sum(r * n for r, n in model.fed if n > 1) == 8 * 29  # eight short prompts in one step
-
-
-@pytest.mark.parametrize("raw,cpu,steps", [("auto", True, 0), ("auto", False, 8), ("3", True, 3)])
-def test_the_admission_wait_is_auto_per_device_or_a_number(raw, cpu, steps):
-    from config import load_settings
-
-    assert load_settings({"ADMISSION_WAIT_STEPS": raw}, dotenv=False).admission_wait(cpu) == steps
-
-
-@pytest.mark.parametrize("raw", ["soon", "-1", "1001"])
-def test_a_bad_admission_wait_is_refused_at_start(raw):
-    from config import SettingsError, load_settings
-
-    with pytest.raises(SettingsError, match="ADMISSION_WAIT_STEPS"):
-        load_settings({"ADMISSION_WAIT_STEPS": raw}, dotenv=False)

@@ -1,5 +1,5 @@
 """Orchard's own continuous-batching core: a prompt queue, chunked prefill, and decode rows
-that live in fixed slots of one batch KV cache.
+that live in fixed slots of a batch KV cache (one per width class).
 
 Why not mlx-lm's BatchGenerator (it is still used for models whose caches are not plain
 KV caches, see `supports`): in a server, rows join and leave all the time, and there each
@@ -218,12 +218,12 @@ class SlotBatcher:
         order: the same on every rank)."""
         tic = time.perf_counter()
         self._join_prefilled()
+        order = sorted(self._groups)
+        busy = any(self._groups[w].active for w in order)
+        finished = [self._groups[w].begin() for w in order]  # every step queued before any read-back
         out: list[Response] = []
-        busy = False
-        for width in sorted(self._groups):
-            group = self._groups[width]
-            busy = busy or group.active
-            out += group.step()
+        for width, step in zip(order, finished):
+            out += self._groups[width].end(step)
         for width in [w for w, group in self._groups.items() if not group.active]:
             del self._groups[width]  # it handed out its last step and holds no cache
         if busy:

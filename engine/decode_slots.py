@@ -78,12 +78,16 @@ class DecodeGroup:
     def nbytes(self) -> int:
         return sum(c.nbytes for c in self._cache)
 
-    def step(self) -> list[Response]:
-        """Launch this group's next step (if any row decodes), then hand out the previous one's."""
-        finished = self._pending
-        self._pending = None
+    def begin(self):
+        """Launch this group's next step (if a row decodes); returns the previous step, still to
+        be handed out with `end` (every group launches before any reads its tokens back)."""
+        finished, self._pending = self._pending, None
         if self._by_uid:
             self.launch()
+        return finished
+
+    def end(self, finished) -> list[Response]:
+        """Hand out the previous step's tokens, then compact (or drop the cache if nobody decodes)."""
         out = self.emit(finished) if finished is not None else []
         if not self._by_uid and self._pending is None:
             self.reset()  # nobody decodes: give the cache back

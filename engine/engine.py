@@ -45,6 +45,8 @@ class EngineStats:
     requests_failed: int = 0
     max_batch_seen: int = 0
     current_batch: int = 0
+    decode_groups: int = 0  # width classes decoding in the last step (one forward pass each)
+    decode_groups_max_seen: int = 0
     kv_cache_bytes: int = 0
     step_seconds: float = 0.0  # wall time inside generator steps (the rest is loop overhead or idle)
     prefill_seconds: float = 0.0  # of which mlx-lm processed prompts
@@ -158,6 +160,13 @@ class Engine:
         st = cache.stats
         return {"enabled": cache.capacity > 0, "entries": len(cache), "bytes": cache.nbytes,
                 "hits": st.hits, "misses": st.misses, "hit_tokens": st.hit_tokens, "evicted": st.evicted}
+
+    @property
+    def decode_core(self) -> Optional[str]:
+        """Which batching core serves this model: 'slots' or 'mlx-lm' (None until loaded)."""
+        if self._generator is None or not hasattr(self._generator, "slots"):
+            return None
+        return "slots" if self._generator.slots else "mlx-lm"
 
     @property
     def running(self) -> int:
@@ -436,6 +445,8 @@ class Engine:
         s.generated_tokens += n_tokens
         s.current_batch = n_tokens
         s.max_batch_seen = max(s.max_batch_seen, n_tokens)
+        s.decode_groups = getattr(self._generator, "decode_groups", 1)
+        s.decode_groups_max_seen = max(s.decode_groups_max_seen, s.decode_groups)
         s.prefill_seconds, s.decode_seconds = self._generator.phase_seconds
         if s.steps % 16 == 0:  # sizes walk every layer's cache: not on every step
             s.kv_cache_bytes = self._generator.kv_cache_bytes

@@ -312,6 +312,11 @@ class Generator:
         return steps
 
     @property
+    def decode_groups(self) -> int:
+        """Forward passes a decode step takes now: one per width class with rows (slots)."""
+        return len(self._batch._groups) if self.slots else 1
+
+    @property
     def busy(self) -> bool:
         """Any sequence queued, prefilling, decoding or waiting for a shared prefill."""
         batch = self._batch

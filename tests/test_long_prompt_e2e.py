@@ -106,3 +106,53 @@ def test_a_long_prompt_leaves_running_streams_flowing(model_dir, tmp_path):
     finally:
         stop.set()
         server.stop()
+
+
+def test_a_long_row_beside_short_streams_answers_exactly_as_alone(model_dir, tmp_path):
+    """A ~3k-token prompt joins four short streams mid-decode: it decodes in a width class of
+    its own (engine/batcher.py), so nobody's cache is widened, and every answer, streamed or
+    not, is the one it gets alone (greedy; the official openai client; prefix cache off, so
+    the long prompt is prefilled in full both times)."""
+    import openai
+
+    server = ServerProcess({"MODEL": str(model_dir), "MODEL_ID": "tiny", "MAX_TOKENS_LIMIT": "32768",
+                            "PREFIX_CACHE_BYTES": "0"}, tmp_path / "server.log").start()
+    client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused")
+    fixed = {"temperature": 0, "extra_body": {"ignore_eos": True}}
+    long_prompt = long_text(3_000, 0)
+
+    def ask(content: str, max_tokens: int) -> str:
+        answer = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": content}],
+                                                max_tokens=max_tokens, **fixed)
+        return answer.choices[0].message.content
+
+    def stream(content: str, max_tokens: int, chunks: list[str]) -> None:
+        for chunk in client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": content}],
+                                                    max_tokens=max_tokens, stream=True, **fixed):
+            if chunk.choices and chunk.choices[0].delta.content:
+                chunks.append(chunk.choices[0].delta.content)
+
+    try:
+        short_alone, long_alone = ask("count", 1000), ask(long_prompt, 24)
+        assert client.completions.create(model="tiny", prompt="x", max_tokens=1)  # the server is up
+        short_chunks: list[list[str]] = [[] for _ in range(4)]
+        threads = [threading.Thread(target=stream, args=("count", 1000, chunks)) for chunks in short_chunks]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 30
+        while min(len(c) for c in short_chunks) < 5 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        long_chunks: list[str] = []
+        stream(long_prompt, 24, long_chunks)  # arrives while the short rows decode
+        still_decoding = [len(c) for c in short_chunks]
+        long_beside = ask(long_prompt, 24)
+        for thread in threads:
+            thread.join(60)
+        assert max(still_decoding) < 1000, still_decoding  # the long answer ended beside them
+        assert "".join(long_chunks) == long_alone == long_beside
+        assert all("".join(chunks) == short_alone for chunks in short_chunks)
+        batch = requests.get(server.base_url + "/v1/system/status", timeout=10).json()["batch"]
+        assert batch["core"] == "slots" and batch["decode_groups_max_seen"] == 2  # short rows, the long one
+        assert_never_blocked(server)
+    finally:
+        server.stop()

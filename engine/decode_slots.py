@@ -127,8 +127,7 @@ class DecodeGroup:
         needs = any(r.wants_logprobs or r.sampler is not greedy_sampler for _, r in live)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True) if needs else None
         sampled = self._sample(logits, logprobs, live)
-        for i in range(len(rows)):
-            self._lengths[i] += 1
+        self._lengths = [n + 1 for n in self._lengths]  # every slot wrote one column, idle ones too
         for i, r in live:
             if r.priming:  # its input was its prompt's last token: known now, and in its KV state
                 r.tokens.append(self._prompt_last[i])

@@ -280,13 +280,16 @@ class Generator:
         length it can take; then decode steps at batch sizes 1, 2, 4... up to `rows`. Nothing
         it leaves stays: the prefix cache is emptied. Returns the steps it took."""
         vocab = max(self._vocab_size or 512, 8)
-        serial = itertools.count()
+        greedy = SamplingParams(temperature=0.0)
+        serial = itertools.count()  # every synthetic prompt distinct: nothing is shared or cached
 
         def wave(n: int, length: int, max_tokens: int) -> list[AddRequest]:
-            greedy = SamplingParams(temperature=0.0)
-            return [AddRequest(f"warm-up-{next(serial)}", [(k * 7919 + i * 104729) % (vocab - 2) + 1
-                                                          for i in range(length)], max_tokens, greedy, ignore_eos=True)
-                    for k in (next(serial) for _ in range(n))]
+            requests = []
+            for _ in range(n):
+                k = next(serial)
+                prompt = [(k * 7919 + i * 104729) % (vocab - 2) + 1 for i in range(length)]
+                requests.append(AddRequest(f"warm-up-{k}", prompt, max_tokens, greedy, ignore_eos=True))
+            return requests
 
         waves = [wave(1, max(2, min(prompt_tokens, context - 4)), 2)]
         bucket = self._prefill_bucket if self.slots else 1

@@ -28,6 +28,25 @@ def running_engine(**settings):
         engine.shutdown()
 
 
+def counted_model(model_dir):
+    """mlx-lm's load of `model_dir`, whose forward passes record their (rows, positions) in
+    `model.fed`: what a test of the batching core asserts about the passes it ran."""
+    from mlx_lm import load
+
+    model, _ = load(str(model_dir))
+    fed: list[tuple[int, int]] = []
+    forward = type(model).__call__
+
+    class Counted(type(model)):
+        def __call__(self, inputs, *args, **kwargs):
+            fed.append(tuple(inputs.shape))
+            return forward(self, inputs, *args, **kwargs)
+
+    model.__class__ = Counted
+    model.fed = fed
+    return model
+
+
 def wait_ready(engine: Engine, timeout: float = 120) -> None:
     with gevent.Timeout(timeout):
         while engine.state is EngineState.LOADING:

@@ -156,3 +156,33 @@ def test_a_long_row_beside_short_streams_answers_exactly_as_alone(model_dir, tmp
         assert_never_blocked(server)
     finally:
         server.stop()
+
+
+def test_the_start_up_warm_up_runs_before_ready_and_changes_no_answer(model_dir, tmp_path):
+    """WARMUP_TOKENS (on by default on a GPU only) runs its synthetic prompts before /health
+    says ready and leaves nothing behind: the prefix cache is empty and a greedy answer equals
+    a server's without a warm-up, here one on mlx-lm's batching core (which status reports)."""
+    import openai
+
+    answers, cores = [], []
+    for name, env in (("warm", {"WARMUP_TOKENS": "600"}), ("plain", {"WARMUP_TOKENS": "0", "DECODE_BATCH": "mlx-lm"})):
+        server = ServerProcess({"MODEL": str(model_dir), "MODEL_ID": "tiny", **env}, tmp_path / f"{name}.log").start()
+        try:
+            status = requests.get(server.base_url + "/v1/system/status", timeout=10).json()
+            if name == "warm":
+                assert "warmed up tiny: a 600-token prompt" in server.log_path.read_text(errors="replace")
+                assert status["prefix_cache"]["entries"] == 0 and status["prefix_cache"]["hits"] == 0
+            client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused")
+            for stream in (False, True):
+                kwargs = dict(model="tiny", messages=[{"role": "user", "content": "warm up"}], max_tokens=16,
+                              temperature=0, extra_body={"ignore_eos": True}, stream=stream)
+                if stream:
+                    answers.append("".join(c.choices[0].delta.content or "" for c in
+                                           client.chat.completions.create(**kwargs) if c.choices))
+                else:
+                    answers.append(client.chat.completions.create(**kwargs).choices[0].message.content)
+            cores.append(requests.get(server.base_url + "/v1/system/status", timeout=10).json()["batch"]["core"])
+        finally:
+            server.stop()
+    assert cores == ["slots", "mlx-lm"]
+    assert len(set(answers)) == 1 and answers[0]

@@ -4,11 +4,11 @@ advances chunk by chunk like any prompt, and its followers still match solo gree
 from __future__ import annotations
 
 import pytest
-from mlx_lm import load
 
 from engine.generator import Generator
 from engine.messages import AddRequest
 from engine.sampling import SamplingParams
+from tests.engine_harness import counted_model
 
 GREEDY = SamplingParams(temperature=0.0)
 BUDGET = 64
@@ -17,18 +17,7 @@ LONG = [(i * 7) % 500 + 3 for i in range(300)]  # the tiny model's vocabulary is
 
 @pytest.fixture(scope="module")
 def model(tiny_model_dir):
-    model, _ = load(str(tiny_model_dir))
-    fed: list[tuple[int, int]] = []
-    forward = type(model).__call__
-
-    class Counted(type(model)):  # records each forward pass's (rows, positions)
-        def __call__(self, inputs, *args, **kwargs):
-            fed.append(tuple(inputs.shape))
-            return forward(self, inputs, *args, **kwargs)
-
-    model.__class__ = Counted
-    model.fed = fed
-    return model
+    return counted_model(tiny_model_dir)
 
 
 def generator(model, budget=BUDGET) -> Generator:

@@ -7,29 +7,18 @@ import random
 
 import mlx.core as mx
 import pytest
-from mlx_lm import load
 
 from engine.generator import Generator
 from engine.messages import AddRequest
 from engine.sampling import SamplingParams
+from tests.engine_harness import counted_model
 
 GREEDY = SamplingParams(temperature=0.0)
 
 
 @pytest.fixture(scope="module")
 def model(tiny_model_dir):
-    model, _ = load(str(tiny_model_dir))
-    fed: list[tuple[int, int]] = []
-    forward = type(model).__call__
-
-    class Counted(type(model)):  # records each forward pass's (rows, positions)
-        def __call__(self, inputs, *args, **kwargs):
-            fed.append(tuple(inputs.shape))
-            return forward(self, inputs, *args, **kwargs)
-
-    model.__class__ = Counted
-    model.fed = fed
-    return model
+    return counted_model(tiny_model_dir)
 
 
 def generator(model, kind: str, **kw) -> Generator:
@@ -225,3 +214,18 @@ def test_rows_of_very_different_lengths_decode_in_separate_groups(model, monkeyp
     assert gen._batch._groups == {}
     assert engine.batcher.width_class(63) == 0 and engine.batcher.width_class(64) == 1
     assert engine.batcher.width_class(255) == 1 and engine.batcher.width_class(256) == 2
+
+
+def test_logits_are_normalized_only_for_a_batch_that_needs_them(model):
+    """Greedy rows that asked for no logprobs take the argmax of the raw logits: the step in
+    flight carries no log-probabilities; one row that asks (or samples) brings them back."""
+    gen = generator(model, "slots")
+    gen.insert(AddRequest("g", [5, 6, 7], 30, GREEDY, ignore_eos=True))
+    for _ in range(4):  # prefill, join, decode
+        gen.step()
+    group = gen._batch._groups[0]
+    assert group._pending is not None and group._pending[1] is None
+    gen.insert(AddRequest("lp", [8, 6, 7], 30, GREEDY, ignore_eos=True, logprobs=2))
+    for _ in range(4):
+        gen.step()
+    assert len(group) == 2 and group._pending[1] is not None

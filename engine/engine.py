@@ -68,8 +68,8 @@ class Engine:
                  admission_group: int = 1, admission_wait_steps: int = 0, model_id: str = "",
                  pinned: bool = True, weight_estimate: int = 0,
                  warm_up: Optional[Callable[[object, LoadedModel, int], None]] = None):
-        self._loader = loader
-        self._warm_up = warm_up  # (generator, model, max_running): compile shapes before READY  # loader(with_weights, group) -> LoadedModel
+        self._loader = loader  # loader(with_weights, group) -> LoadedModel
+        self._warm_up = warm_up  # (generator, model, max_running): compile shapes before READY
         self._preload = preload
         self._kv_budget_setting = kv_budget
         self._generator_factory = generator_factory

@@ -85,7 +85,7 @@ class StatusReporter:
                        "per_second_10s": round(tps_10, 2), "per_second_60s": round(tps_60, 2),
                        "requests_per_second_60s": round(rps_60, 3)},
             "batch": {"current": s.current_batch, "max_seen": s.max_batch_seen, "steps": s.steps,
-                      "core": engine.decode_core, "decode_groups": s.decode_groups,
+                      "core": engine.decode_core, "attention": engine.decode_attention, "decode_groups": s.decode_groups,
                       "decode_groups_max_seen": s.decode_groups_max_seen,
                       "step_seconds": round(s.step_seconds, 3), "prefill_seconds": round(s.prefill_seconds, 3),
                       "decode_seconds": round(s.decode_seconds, 3)},

@@ -106,8 +106,9 @@ class SlotBatcher:
     """insert / next / remove / extract_cache, as mlx-lm's BatchGenerator, over decode slots."""
 
     def __init__(self, model, *, stop_tokens, completion_batch_size: int, prefill_batch_size: int,
-                 prefill_step_size: int, stream=None, prefill_bucket: int = 1):
+                 prefill_step_size: int, stream=None, prefill_bucket: int = 1, fused_attention: bool = False):
         self.model = model
+        self.fused_attention = fused_attention  # decode groups skip the padding mask (engine/slot_attention.py)
         self.prefill_bucket = prefill_bucket  # prefill passes pad to multiples of it (GPU: see _PromptBatch)
         self.completion_batch_size = completion_batch_size
         self.prefill_batch_size = prefill_batch_size
@@ -253,7 +254,7 @@ class SlotBatcher:
             width = width_class(max(len(t) for t in batch.tokens) + 1)
             group = self._groups.get(width)
             if group is None:
-                group = self._groups[width] = DecodeGroup(self.model)
+                group = self._groups[width] = DecodeGroup(self.model, fused=self.fused_attention)
             group.join(batch, last, rows)
         self._joining = []
 

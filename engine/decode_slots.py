@@ -18,6 +18,8 @@ from mlx_lm.generate import PromptProcessingBatch
 from mlx_lm.models.cache import BatchKVCache, KVCache, TokenBuffer
 from mlx_lm.sample_utils import greedy_sampler
 
+from engine.slot_attention import SlotKVCache
+
 _KV_BLOCK = BatchKVCache.step  # columns the cache grows by; shared left padding past it is trimmed
 
 
@@ -52,9 +54,10 @@ class Row:
 class DecodeGroup:
     """Rows decoding together, one forward pass per step."""
 
-    def __init__(self, model):
+    def __init__(self, model, fused: bool = False):
         self.model = model
-        self._cache: list[BatchKVCache] = []
+        self.fused = fused  # attention reads each slot's left padding: no mask (engine/slot_attention.py)
+        self._cache: list[SlotKVCache] = []
         self._slots: list[Optional[Row]] = []  # occupant of each slot
         self._lengths: list[int] = []  # tokens in each slot's KV state (host copy: no read-backs)
         self._width = 0  # columns written so far (every slot's state ends there, left-padded)
@@ -208,7 +211,7 @@ class DecodeGroup:
         if grow:
             slots += list(range(len(self._slots), len(self._slots) + grow))
         if not self._cache:
-            self._cache = [BatchKVCache([0] * (len(self._slots) + grow)) for _ in group.prompt_cache]
+            self._cache = [self._new_cache(len(self._slots) + grow) for _ in group.prompt_cache]
         if grow or g > self._width:
             self._reshape(grow, max(0, g - self._width))
         if g:
@@ -236,6 +239,11 @@ class DecodeGroup:
             self._by_uid[row.uid] = slot
             self._prompt_last[slot] = last[k]
         self._sync_offsets()
+
+    def _new_cache(self, rows: int) -> SlotKVCache:
+        cache = SlotKVCache([0] * rows)
+        cache.fused = self.fused
+        return cache
 
     def _reshape(self, more_rows: int, shift: int) -> None:
         """More slots (rows joined a full batch) and/or every state `shift` columns further right
@@ -309,7 +317,7 @@ class DecodeGroup:
     def _sync_offsets(self) -> None:
         """Each layer's per-slot position and left padding, from the host's lengths."""
         lengths = mx.array(self._lengths)
-        padding = mx.array([self._width - n for n in self._lengths])
+        padding = mx.array([self._width - n for n in self._lengths], dtype=mx.int32)
         for c in self._cache:
             c.offset, c.left_padding, c._idx = lengths, padding, self._width
 

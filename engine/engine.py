@@ -169,6 +169,13 @@ class Engine:
         return "slots" if self._generator.slots else "mlx-lm"
 
     @property
+    def decode_attention(self) -> Optional[str]:
+        """'kernel' (engine/slot_attention.py) or 'mask' (mlx-lm's masked attention); None until loaded."""
+        if self._generator is None or not hasattr(self._generator, "fused_attention"):
+            return None
+        return "kernel" if self._generator.fused_attention else "mask"
+
+    @property
     def running(self) -> int:
         return len(self._scheduler.running)
 

@@ -35,8 +35,8 @@ class Generator:
     def __init__(self, model, eos_token_ids: Iterable[int], *, max_batch: int,
                  prefill_batch_size: int, prefill_step_size: int, prefix_cache_bytes: int = 0,
                  grammar_tokenizer=None, stream=None, decode_batch: str = "slots",
-                 prefill_chunk: Optional[int] = None, prefill_bucket: int = 1):
-        from engine import batcher
+                 prefill_chunk: Optional[int] = None, prefill_bucket: int = 1, decode_attention: str = "auto"):
+        from engine import batcher, slot_attention
 
         self._model = model
         self._prefill_budget = prefill_step_size  # prompt tokens per step, all prompts together
@@ -54,8 +54,11 @@ class Generator:
         options = dict(stop_tokens=[[t] for t in self._eos], completion_batch_size=max_batch,
                        prefill_batch_size=min(prefill_batch_size, max_batch), prefill_step_size=prefill_step_size,
                        stream=self._stream)
+        # On CUDA the slot groups' decode attention skips the padding mask (engine/slot_attention.py).
+        self.fused_attention = self.slots and decode_attention == "auto" and slot_attention.install(model)
         if self.slots:
-            self._batch = batcher.SlotBatcher(model, prefill_bucket=prefill_bucket, **options)
+            self._batch = batcher.SlotBatcher(model, prefill_bucket=prefill_bucket,
+                                              fused_attention=self.fused_attention, **options)
         else:
             self._batch = BatchGenerator(model, **options)
         self._samplers = SamplerFactory()

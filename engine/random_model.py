@@ -89,6 +89,9 @@ SHAPES = {
     # sources, so English and JSON tokenize ~3-4 characters a token): agents' 11-13k-token requests fit.
     "tiny-32k": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                      num_key_value_heads=2, vocab_size=8192, max_position_embeddings=32768, tie_word_embeddings=True),
+    # Heads of 64 (as Qwen2.5's): what the CUDA decode-attention kernel's tests need.
+    "tiny-h64": dict(hidden_size=256, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, vocab_size=512, max_position_embeddings=4096, tie_word_embeddings=True),
     "qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                          num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768,
                          tie_word_embeddings=True),

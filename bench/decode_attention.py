@@ -29,7 +29,8 @@ def slot_step_ms(model, vocab: int, batch: int, attention: str, steps: int, seed
     rnd = random.Random(seed)
     gen = Generator(model, [], max_batch=batch, prefill_batch_size=16, prefill_step_size=4096,
                     prefill_bucket=64, decode_attention=attention)
-    assert gen.fused_attention == (attention == "auto"), "the kernel is not available here"
+    if attention == "auto" and not gen.fused_attention:
+        print("(no kernel here: auto runs the masked attention)", flush=True)
     for i in range(batch):
         gen.insert(AddRequest(f"r{i}", [rnd.randrange(10, vocab) for _ in range(128)], steps + 200,
                               SamplingParams(temperature=0.0), ignore_eos=True))

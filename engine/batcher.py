@@ -56,38 +56,59 @@ def width_class(tokens: int) -> int:
 
 
 class _PromptBatch(PromptProcessingBatch):
-    """mlx-lm's prompt batch, with each pass's length padded up to a multiple of `bucket`.
+    """mlx-lm's prompt batch, with its pass and its filter made for a server's engine loop.
 
-    On a GPU every new (rows, length, context) shape of a prefill pass builds its attention
-    kernel the first time (50-140 ms against 7-15 ms warm on an H100; docs/benchmarks.md),
-    and in a server prompt lengths never repeat, so unpadded nearly every pass is a new shape.
-    Padded, chunks and contexts stay on a few multiples of the bucket, which the start-up
-    warm-up compiles. The padding goes in as right padding: the junk positions come after
-    each row's real tokens (causal attention never sees them) and mlx-lm's finalize rolls
-    them to the left, where the left padding masks them from then on."""
+    - **Bucketed lengths** (GPU). Every new (rows, length, context) shape of a prefill pass
+      builds its attention kernel the first time on CUDA (50-140 ms against 7-15 ms warm on
+      an H100; docs/benchmarks.md), and in a server prompt lengths never repeat. So each pass's
+      length pads up to a multiple of `bucket`; the start-up warm-up compiles those shapes.
+      The padding goes in as right padding: the junk positions come after each row's real
+      tokens (causal attention never sees them) and the cache's finalize rolls them to the
+      left, where the left padding masks them from then on.
+    - **No waiting.** mlx-lm evaluates a pass, rolls the padding, evaluates again and empties
+      MLX's buffer cache; here the pass is queued (`async_eval`) and the engine goes on to
+      build the next decode step while it runs: every op is on the one stream, so the next
+      step's read-back orders everything. (Emptying the buffer cache made every later step
+      allocate its buffers anew.)
+    - **No read-back in `filter`.** mlx-lm's cache filter reads each layer's left padding back
+      to trim the shared part: a host sync per layer, the first of which waits for the decode
+      step in flight. Here the padding is known on the host: a row's KV state ends at the
+      batch's last column and holds exactly its tokens."""
 
     bucket = 1
 
     def prompt(self, tokens):
-        if self.bucket > 1 and tokens:
-            longest = max(len(t) for t in tokens)
-            target = -(-longest // self.bucket) * self.bucket
-            if target != longest or any(len(t) != longest for t in tokens):
-                return self._padded(tokens, target)
-        return super().prompt(tokens)
-
-    def _padded(self, tokens, target: int):
+        if not tokens:
+            return
         for kept, new in zip(self.tokens, tokens):
             kept += new
         lengths = [len(t) for t in tokens]
+        target = max(lengths)
+        if self.bucket > 1:
+            target = -(-target // self.bucket) * self.bucket
         padding = [target - n for n in lengths]
-        for c in self.prompt_cache:
-            c.prepare(lengths=lengths, right_padding=padding)
+        if any(padding):
+            for c in self.prompt_cache:
+                c.prepare(lengths=lengths, right_padding=padding)
         self.model(mx.array([t + [0] * (target - len(t)) for t in tokens]), cache=self.prompt_cache)
-        mx.eval([c.state for c in self.prompt_cache])
+        if any(padding):
+            for c in self.prompt_cache:
+                c.finalize()
+        mx.async_eval([c.state for c in self.prompt_cache])
+
+    def filter(self, keep):
+        if not keep or not self.prompt_cache or self.prompt_cache[0].keys is None:
+            return super().filter(keep)
+        columns = self.prompt_cache[0]._idx
+        shared = min(columns - len(self.tokens[i]) for i in keep)  # padding every kept row has
+        index = mx.array(keep)
         for c in self.prompt_cache:
-            c.finalize()
-        mx.eval([c.state for c in self.prompt_cache])
+            c.keys, c.values = c.keys[index, :, shared:], c.values[index, :, shared:]
+            c.offset, c.left_padding = c.offset[index], c.left_padding[index] - shared
+            c._idx -= shared
+        for name in ("uids", "tokens", "samplers", "logits_processors", "max_tokens", "stop_sequences"):
+            values = getattr(self, name)
+            setattr(self, name, [values[i] for i in keep])
 
 
 def supports(model) -> bool:

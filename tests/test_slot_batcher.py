@@ -229,3 +229,39 @@ def test_logits_are_normalized_only_for_a_batch_that_needs_them(model):
     for _ in range(4):
         gen.step()
     assert len(group) == 2 and group._pending[1] is not None
+
+
+def test_the_prompt_batch_filters_without_reading_back_and_as_mlx_lm_does(model):
+    """Rows of different lengths (one resuming a prefix-cache state) prefill two chunks, then
+    two are split off: the kept and the split rows' caches equal mlx-lm's own filter's, whose
+    trim of the shared padding reads each layer's padding back from the device."""
+    from mlx_lm.generate import PromptProcessingBatch
+    from mlx_lm.models.cache import make_prompt_cache
+    from mlx_lm.sample_utils import greedy_sampler
+
+    from engine.batcher import _PromptBatch
+
+    prompts = [[7] * 5, list(range(3, 43)), list(range(50, 67)), [9, 8, 7]]
+    prefix = list(range(100, 112))
+
+    def batch(kind):
+        caches = [make_prompt_cache(model) for _ in prompts]
+        model(mx.array([prefix]), cache=caches[2])  # row 2 resumes a 12-token prefix
+        tokens = [[], [], list(prefix), []]
+        return kind(model=model, uids=list(range(4)), caches=caches, tokens=tokens, prefill_step_size=64,
+                    samplers=[greedy_sampler] * 4, fallback_sampler=greedy_sampler, logits_processors=[()] * 4,
+                    stop_sequences=[None] * 4, max_tokens=[4] * 4)
+
+    ours, theirs = batch(_PromptBatch), batch(PromptProcessingBatch)
+    for chunk in (slice(0, 16), slice(16, 32)):
+        part = [p[chunk] or p[-1:] for p in prompts]  # every row advances (short ones repeat a token)
+        ours.prompt(part)
+        theirs.prompt(part)
+    split_ours, split_theirs = ours.split([1, 3]), theirs.split([1, 3])
+    for mine, reference in ((ours, theirs), (split_ours, split_theirs)):
+        assert mine.uids == reference.uids and mine.tokens == reference.tokens
+        for a, b in zip(mine.prompt_cache, reference.prompt_cache):
+            assert a._idx == b._idx and a.keys.shape[2] >= a._idx
+            assert a.offset.tolist() == b.offset.tolist() and a.left_padding.tolist() == b.left_padding.tolist()
+            assert mx.array_equal(a.keys[..., :a._idx, :], b.keys[..., :b._idx, :]).item()
+            assert mx.array_equal(a.values[..., :a._idx, :], b.values[..., :b._idx, :]).item()

@@ -7,7 +7,10 @@ step; and a lean step (the model on plain KV caches of one length: no padding, n
 greedy argmax, pipelined), the floor a batched step can reach without owning the kernels.
 Every row holds a distinct 128-token prompt and decodes `--steps` tokens after a warm-up.
 
-    python -m bench.decode_attention [--shape qwen2.5-0.5b] [--batches 1,8,64,128] [--steps 100]
+    python -m bench.decode_attention [--shape qwen2.5-0.5b] [--batches 1,8,64,128] [--steps 100] [--ramp 128]
+
+`--ramp N` first times N rows joining one per step, twice on fresh batches: the difference is
+what each batch size's first step costs (what the start-up warm-up pays in advance).
 """
 from __future__ import annotations
 
@@ -44,6 +47,30 @@ def slot_step_ms(model, vocab: int, batch: int, attention: str, steps: int, seed
         gen.step()
     mx.synchronize()
     return (time.perf_counter() - start) / steps * 1000
+
+
+def ramp_ms(model, vocab: int, rows: int, seed: int) -> list[float]:
+    """Each step's milliseconds while rows join one per step (slot counts 1, 2, ... rows),
+    synchronized per step: a batch size's first step shows what it costs to see it first."""
+    import mlx.core as mx
+
+    from engine.generator import Generator
+    from engine.messages import AddRequest
+    from engine.sampling import SamplingParams
+
+    rnd = random.Random(seed)
+    gen = Generator(model, [], max_batch=rows, prefill_batch_size=16, prefill_step_size=4096, prefill_bucket=64)
+    times = []
+    for k in range(rows):
+        gen.insert(AddRequest(f"r{k}", [rnd.randrange(10, vocab) for _ in range(40)], rows + 4,
+                              SamplingParams(temperature=0.0), ignore_eos=True))
+        start = time.perf_counter()
+        gen.step()
+        mx.synchronize()
+        times.append((time.perf_counter() - start) * 1000)
+    while gen.busy:
+        gen.step()
+    return times
 
 
 def raw_step_ms(model, vocab: int, batch: int, steps: int, seed: int) -> float:
@@ -91,6 +118,7 @@ def main() -> int:
     parser.add_argument("--shape", default="qwen2.5-0.5b")
     parser.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 64, 128])
     parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--ramp", type=int, default=0, help="also: rows joining one per step up to this many, twice")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     import mlx.core as mx
@@ -101,6 +129,13 @@ def main() -> int:
     model_dir = write_random_model(Path(f"/tmp/orchard-{args.shape}"), args.shape, weights=False, dtype="bfloat16")
     model, _, config = _load_dummy(model_dir)
     vocab = config["vocab_size"]
+    doc_ramp = {}
+    if args.ramp:
+        first, second = ramp_ms(model, vocab, args.ramp, 1), ramp_ms(model, vocab, args.ramp, 2)
+        doc_ramp = {"rows": args.ramp, "first_ms": round(sum(first), 1), "second_ms": round(sum(second), 1),
+                    "first_steps_ms": [round(t, 1) for t in first], "second_steps_ms": [round(t, 1) for t in second]}
+        print(f"ramp to {args.ramp} rows, one joining per step: first {doc_ramp['first_ms']} ms, "
+              f"again {doc_ramp['second_ms']} ms", flush=True)
     rows = []
     for batch in args.batches:
         row = {"batch": batch, "mask_ms": [], "kernel_ms": []}
@@ -114,7 +149,7 @@ def main() -> int:
         rows.append(row)
         print(json.dumps(row), flush=True)
         mx.clear_cache()
-    doc = {"shape": args.shape, "steps": args.steps, "device": str(mx.default_device()), "rows": rows}
+    doc = {"shape": args.shape, "steps": args.steps, "device": str(mx.default_device()), "rows": rows, "ramp": doc_ramp}
     if args.out:
         args.out.write_text(json.dumps(doc, indent=1))
     print("| batch | mask ms | kernel ms | mask / kernel | raw BatchGenerator ms | lean ms |")

@@ -61,7 +61,8 @@ class _PromptBatch(PromptProcessingBatch):
     - **Bucketed lengths** (GPU). Every new (rows, length, context) shape of a prefill pass
       builds its attention kernel the first time on CUDA (50-140 ms against 7-15 ms warm on
       an H100; docs/benchmarks.md), and in a server prompt lengths never repeat. So each pass's
-      length pads up to a multiple of `bucket`; the start-up warm-up compiles those shapes.
+      length pads up to a multiple of `bucket` (a long prompt's last chunk: to a whole chunk);
+      the start-up warm-up compiles those shapes.
       The padding goes in as right padding: the junk positions come after each row's real
       tokens (causal attention never sees them) and the cache's finalize rolls them to the
       left, where the left padding masks them from then on.
@@ -86,6 +87,11 @@ class _PromptBatch(PromptProcessingBatch):
         target = max(lengths)
         if self.bucket > 1:
             target = -(-target // self.bucket) * self.bucket
+            if self.prompt_cache and self.prompt_cache[0]._idx >= self.prefill_step_size > target:
+                # A long prompt's last chunk pads to a whole chunk: its context stays a multiple
+                # of the chunk, as the warm-up's long prompt had, instead of one of the many
+                # (chunk length, context) pairs a partial chunk makes (a kernel build each).
+                target = self.prefill_step_size
         padding = [target - n for n in lengths]
         if any(padding):
             for c in self.prompt_cache:
@@ -312,7 +318,7 @@ class SlotBatcher:
             seq[1] += take
         if prompts:
             tic = time.perf_counter()
-            self._prompt_batch.prefill_step_size = self.prefill_step_size
+            self._prompt_batch.prefill_step_size = share
             self._prompt_batch.prompt(prompts)
             self._counters.prompt_tokens += sum(len(p) for p in prompts)
             self._counters.prompt_time += time.perf_counter() - tic

@@ -162,7 +162,7 @@ def test_warm_up_runs_a_long_prompt_and_every_batch_size_then_leaves_nothing_beh
     model.fed.clear()
     steps = gen.warm_up(100, 8, context=1024)
     assert steps > 0 and not gen.busy
-    assert {1, 2, 4, 8} <= {rows for rows, positions in model.fed if positions == 1}
+    assert set(range(1, 9)) <= {rows for rows, positions in model.fed if positions == 1}  # every batch size
     assert sum(rows * positions for rows, positions in model.fed if rows == 1 and positions > 1) >= 99
     assert len(gen.prefix_cache) == 0 and gen.prefix_cache.stats.hits == 0 and gen.prefix_cache.stats.stored == 0
     schedule = arrivals(5, n=6)
@@ -183,6 +183,17 @@ def test_bucketed_prefill_pads_every_pass_to_the_bucket_and_stays_exact(model):
     prefill = [positions for _, positions in model.fed if positions > 1]
     assert prefill and all(n % 16 == 0 for n in prefill)
     assert gen.prefix_cache.stats.hits >= 1
+
+
+def test_a_long_prompts_last_chunk_pads_to_a_whole_chunk(model):
+    """Once a prompt's context holds a chunk, its last, partial chunk pads to a whole one: the
+    (chunk, context) shapes are then those of the warm-up's long prompt. Output unchanged."""
+    prompt = [(i * 17) % 500 + 3 for i in range(150)]  # 149 prefilled: 64 + 64 + 21
+    plain = play(generator(model, "slots"), {0: [("long", prompt, 4)]})
+    model.fed.clear()
+    gen = generator(model, "slots", prefill_bucket=16, prefill_step_size=64)
+    assert play(gen, {0: [("long", prompt, 4)]}) == plain
+    assert [shape for shape in model.fed if shape[1] > 1] == [(1, 64)] * 3
 
 
 def test_bucketed_warm_up_covers_every_prompt_batch_size_and_chunk(model):

@@ -280,7 +280,7 @@ class Generator:
         """Run the shapes this server will use once, before it says ready: one synthetic prompt
         of `prompt_tokens` (prefilled in the configured chunks: a long prompt's attention
         sizes); with bucketed prefill (GPU), every prompt-batch size with every bucketed chunk
-        length it can take; then decode steps at every batch size up to `rows`. Nothing
+        length it can take; then decode steps at batch sizes 1, 2, 4... up to `rows`. Nothing
         it leaves stays: the prefix cache is emptied. Returns the steps it took."""
         vocab = max(self._vocab_size or 512, 8)
         greedy = SamplingParams(temperature=0.0)
@@ -302,22 +302,16 @@ class Generator:
                 for length in range(bucket, max(bucket, share - share % bucket) + 1, bucket):
                     if length < context - 4:
                         waves.append(wave(n, length + 1, 1))  # + its last token, which decodes
+        size = 1
+        while size <= rows:
+            waves.append(wave(size, 16, 3))
+            size *= 2
         steps = 0
         for requests in waves:
             self.insert_many(requests)
             while self.busy:
                 self.step()
                 steps += 1
-        # Decode steps at every batch size the slots can take: one row joins per step (in a
-        # server the slot count moves by one as rows join and leave, and on CUDA a batch size's
-        # first step costs more than its later ones), and all of them end together.
-        for k in range(rows):
-            self.insert_many(wave(1, 16, rows - k + 1))
-            self.step()
-            steps += 1
-        while self.busy:
-            self.step()
-            steps += 1
         self.prefix_cache.clear()
         self.prefix_cache.stats = type(self.prefix_cache.stats)()
         self.prefill_tokens_saved = 0

@@ -228,6 +228,12 @@ class SlotBatcher:
         return len(self._prompt_batch) + min(len(self._unprocessed_sequences), free, self._decode_room())
 
     @property
+    def decoding(self) -> bool:
+        """Rows decode (or join the next decode step): someone waits for each step."""
+        return any(len(group) for group in self._groups.values()) or any(
+            t is not None for _, last in self._joining for t in last)
+
+    @property
     def busy(self) -> bool:
         return bool(self._unprocessed_sequences or self._prompt_batch.uids or self._joining
                     or any(len(group) for group in self._groups.values()))

@@ -105,6 +105,7 @@ class DecodeGroup:
         return self.slot_state(slot, len(row.tokens)), list(row.tokens)
 
     def drop(self, uid: int) -> None:
+        """The row leaves its slot (ended, or removed): the step in flight's token is not handed to it."""
         slot = self._by_uid.pop(uid, None)
         if slot is not None:
             self._slots[slot].live = False
@@ -184,9 +185,7 @@ class DecodeGroup:
         return out
 
     def free(self, row: Row) -> None:
-        slot = self._by_uid.pop(row.uid)
-        row.live = False
-        self._slots[slot] = None
+        self.drop(row.uid)
 
     def slot_state(self, slot: int, length: int) -> list[KVCache]:
         """A row's KV state as plain per-layer caches: lazy copies of its slot's last `length` columns."""

@@ -134,3 +134,27 @@ def test_one_prompt_never_advances_more_than_its_chunk_while_short_ones_share_th
     model.fed.clear()
     gen.step()
     assert sum(r * n for r, n in model.fed if n > 1) == 8 * 29  # eight short prompts in one step
+
+
+def test_with_no_row_decoding_each_prompt_of_a_burst_advances_a_whole_chunk(model):
+    """Nobody waits on an idle engine's step, so a burst of new prompts is prefilled a whole
+    chunk each (here: in one pass) instead of splitting the budget; once rows decode, the budget
+    is split again. Output equals each prompt alone."""
+    gen = Generator(model, [0], max_batch=16, prefill_batch_size=8, prefill_step_size=BUDGET, prefill_chunk=48)
+    burst = [request(f"b{j}", [j + 3] + LONG[:40], 3) for j in range(6)]  # 40 tokens to prefill each
+    model.fed.clear()
+    uids = [uid for uid, _ in gen.insert_many(burst)]
+    gen.step()
+    assert [shape for shape in model.fed if shape[1] > 1] == [(6, 40)]  # one pass, over the budget of 64
+    out = drain(gen, set(uids))
+    for uid, r in zip(uids, burst):
+        alone = generator(model)
+        (solo, _), = alone.insert_many([r])
+        assert drain(alone, {solo})[solo] == out[uid]
+    gen.insert(request("d", [5, 6, 7], 50))
+    for _ in range(3):
+        gen.step()  # "d" decodes now
+    model.fed.clear()
+    gen.insert_many([request(f"c{j}", [j + 9] + LONG[:40], 3) for j in range(6)])
+    gen.step()
+    assert sum(r * n for r, n in model.fed if n > 1) <= max(BUDGET, 16 * 6)  # the budget is split again

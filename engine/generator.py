@@ -235,17 +235,20 @@ class Generator:
     def _chunk(self) -> int:
         """Each prompt's share of this step's budget: the prompts the batch will prefill this step
         (those in its prompt batch and those that join it now) split PREFILL_STEP_SIZE, and none
-        advances more than PREFILL_CHUNK_SIZE; while no row decodes, each takes a whole chunk."""
+        advances more than PREFILL_CHUNK_SIZE; while no row decodes (unbucketed), each takes a whole chunk."""
         batch = self._batch
         if self.slots:
             prompts = batch.prompts_next_step()
         else:
             joining = min(len(batch._unprocessed_sequences), max(0, batch.prefill_batch_size - len(batch._prompt_batch)))
             prompts = len(batch._prompt_batch) + joining
-        if self.slots and not batch.decoding:
+        if self.slots and self._prefill_bucket == 1 and not batch.decoding:
             # Nobody decodes, so nobody waits on this step: every prompt advances a whole chunk
             # (a burst of new requests on an idle server is prefilled in one pass, not spread
-            # over many small ones with every request's first token at the end).
+            # over many small ones with every request's first token at the end). Unbucketed
+            # prefill only (the CPU): a GPU's budget already covers a burst (4096 tokens a step),
+            # and bigger passes there would be shapes the warm-up does not build (a warm-up that
+            # built them too ran an H100 out of memory: docs/benchmarks.md, stop 18).
             return self._prefill_chunk
         return min(self._prefill_chunk, max(16, self._prefill_budget // max(1, prompts)))
 
@@ -303,7 +306,7 @@ class Generator:
         bucket = self._prefill_bucket if self.slots else 1
         if bucket > 1:
             for n in range(1, self._batch.prefill_batch_size + 1):
-                share = self._prefill_chunk  # a whole chunk each: what a burst on an idle server takes
+                share = min(self._prefill_chunk, max(16, self._prefill_budget // n))
                 for length in range(bucket, max(bucket, share - share % bucket) + 1, bucket):
                     if length < context - 4:
                         waves.append(wave(n, length + 1, 1))  # + its last token, which decodes

@@ -158,3 +158,14 @@ def test_with_no_row_decoding_each_prompt_of_a_burst_advances_a_whole_chunk(mode
     gen.insert_many([request(f"c{j}", [j + 9] + LONG[:40], 3) for j in range(6)])
     gen.step()
     assert sum(r * n for r, n in model.fed if n > 1) <= max(BUDGET, 16 * 6)  # the budget is split again
+
+
+def test_bucketed_prefill_keeps_splitting_the_budget_when_idle(model):
+    """On a GPU (bucketed passes) the rule above does not apply: bigger passes would be shapes
+    the warm-up does not build."""
+    gen = Generator(model, [0], max_batch=16, prefill_batch_size=8, prefill_step_size=BUDGET, prefill_chunk=48,
+                    prefill_bucket=16)
+    model.fed.clear()
+    gen.insert_many([request(f"g{j}", [j + 3] + LONG[:40], 3) for j in range(6)])
+    gen.step()
+    assert [shape for shape in model.fed if shape[1] > 1] == [(6, 16)]  # 64 // 6 -> 16 each, on the bucket

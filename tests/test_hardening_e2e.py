@@ -298,8 +298,10 @@ def test_sigterm_refuses_new_work_finishes_in_flight_and_exits_zero(tiny_server_
 def test_drain_budget_ends_long_requests_with_a_clear_reason(tiny_server_factory):
     server = tiny_server_factory(DRAIN_TIMEOUT="1", GRACEFUL_TIMEOUT="5")
     with cf.ThreadPoolExecutor(4) as pool:
+        # 4 x 4 choices of 960 tokens: a few seconds of decoding even for the tiny model, so rows
+        # are still running when the 1 s drain budget ends.
         calls = [pool.submit(lambda: requests.post(server.base_url + "/v1/chat/completions", timeout=60,
-                                                   json=body(max_tokens=960, ignore_eos=True)).json())
+                                                   json=body(max_tokens=960, ignore_eos=True, n=4)).json())
                  for _ in range(4)]
         time.sleep(0.3)
         server.proc.send_signal(signal.SIGTERM)

@@ -23,8 +23,6 @@ from pathlib import Path
 
 
 def slot_step_ms(model, vocab: int, batch: int, attention: str, steps: int, seed: int) -> float:
-    import mlx.core as mx
-
     from engine.generator import Generator
     from engine.messages import AddRequest
     from engine.sampling import SamplingParams
@@ -39,12 +37,19 @@ def slot_step_ms(model, vocab: int, batch: int, attention: str, steps: int, seed
                               SamplingParams(temperature=0.0), ignore_eos=True))
     while len(gen.step()) < batch:  # until every row decodes
         pass
+    return steady_ms(gen.step, steps)
+
+
+def steady_ms(step, steps: int) -> float:
+    """Milliseconds per call of `step` after 20 unmeasured ones, the device drained at both ends."""
+    import mlx.core as mx
+
     for _ in range(20):
-        gen.step()
+        step()
     mx.synchronize()
     start = time.perf_counter()
     for _ in range(steps):
-        gen.step()
+        step()
     mx.synchronize()
     return (time.perf_counter() - start) / steps * 1000
 
@@ -74,7 +79,6 @@ def ramp_ms(model, vocab: int, rows: int, seed: int) -> list[float]:
 
 
 def raw_step_ms(model, vocab: int, batch: int, steps: int, seed: int) -> float:
-    import mlx.core as mx
     from mlx_lm.generate import BatchGenerator
 
     rnd = random.Random(seed)
@@ -82,14 +86,7 @@ def raw_step_ms(model, vocab: int, batch: int, steps: int, seed: int) -> float:
     gen.insert([[rnd.randrange(10, vocab) for _ in range(128)] for _ in range(batch)])
     while len(gen.next_generated()) < batch:
         pass
-    for _ in range(20):
-        gen.next_generated()
-    mx.synchronize()
-    start = time.perf_counter()
-    for _ in range(steps):
-        gen.next_generated()
-    mx.synchronize()
-    elapsed = (time.perf_counter() - start) / steps * 1000
+    elapsed = steady_ms(gen.next_generated, steps)
     gen.close()
     return elapsed
 

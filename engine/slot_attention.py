@@ -152,9 +152,10 @@ class SlotKVCache(BatchKVCache):
 def install(model, attention: Optional[Callable] = None) -> bool:
     """Route the model's decode attention over `SlotKVCache`s to `attention` (the CUDA kernel
     by default). False, and nothing changed, where it cannot be done: no CUDA kernel (and none
-    given), or a model whose attention does not go through mlx-lm's shared function."""
+    given), a head size the kernel does not take, or a model whose attention does not go
+    through mlx-lm's shared function."""
     attention = attention or (decode_attention if available() else None)
-    if attention is None:
+    if attention is None or not _head_size_fits(model):
         return False
     modules = {sys.modules.get(type(m).__module__) for _, m in model.named_modules()}
     routed = [m for m in modules if m is not None and _calls_shared_attention(m)]
@@ -165,6 +166,16 @@ def install(model, attention: Optional[Callable] = None) -> bool:
         original = getattr(original, "_orchard_original", original)
         module.scaled_dot_product_attention = _route(original, attention)
     return True
+
+
+def _head_size_fits(model) -> bool:
+    """The kernel's lanes split a head evenly (`fits`). Decided once here: a model that never
+    fits would otherwise build a mask per layer in the route's fallback, where mlx-lm builds one
+    per step."""
+    args = getattr(model, "args", None)
+    heads = getattr(args, "num_attention_heads", None)
+    size = getattr(args, "head_dim", None) or (args.hidden_size // heads if heads else None)
+    return size is None or (size % 32 == 0 and size <= 256)
 
 
 def _calls_shared_attention(module) -> bool:

@@ -110,6 +110,12 @@ def test_without_a_kernel_nothing_is_routed(model):
     assert not generator(model).fused_attention
 
 
+def test_a_head_size_the_kernel_cannot_split_is_refused(tiny_model_dir, monkeypatch):
+    """The tiny model's heads are 16 wide: the route would only ever take its masked fallback."""
+    monkeypatch.setattr(slot_attention, "available", lambda: True)
+    assert not generator(counted_model(tiny_model_dir)).fused_attention
+
+
 class DirectAttention(nn.Module):
     """A model whose attention calls MLX directly (mx.fast.scaled_dot_product_attention): it
     would get no mask from a fused cache, so it must never be routed."""

@@ -58,6 +58,7 @@ class Settings:
     warmup_tokens: str = _spec("WARMUP_TOKENS", "before /health says ready, the engine prefills a synthetic prompt of this many tokens and decodes at batch sizes 1, 2, 4... up to MAX_CONCURRENT_REQUESTS, so the kernels of the shapes it will serve are compiled before the first request: 'auto' (8192 on a GPU, off on the CPU, where nothing compiles per shape), 0 (off) or a count")
     decode_batch: str = _spec("DECODE_BATCH", "the batching core: 'slots' (Orchard's: rows keep a KV slot, join the next decode step, no whole-cache copies; models with plain KV caches, others fall back) or 'mlx-lm' (mlx-lm's BatchGenerator)", choices=("slots", "mlx-lm"))
     decode_attention: str = _spec("DECODE_ATTENTION", "attention of the slot batcher's decode steps: 'auto' (on CUDA, Orchard's kernel that reads each row's left padding, so no mask drives MLX off its fused path; elsewhere, and for models whose attention calls MLX directly or whose heads are not a multiple of 32 wide, mlx-lm's masked attention) or 'mask' (always mlx-lm's)", choices=("auto", "mask"))
+    cpu_math: str = _spec("CPU_MATH", "the exp-heavy parts of a forward pass (SwiGLU's sigmoid, attention's softmax) on an x86 CPU: 'auto' (through MLX's vectorized power: its exp runs one element at a time there; 10-18 % of a 20-row decode step of the embedded model; nothing changes on a GPU or another CPU) or 'mlx' (MLX's own)", choices=("auto", "mlx"))
     admission_wait_steps: int = _spec("ADMISSION_WAIT_STEPS", "engine steps a newcomer may wait for others to join the running batch with it (fewer extra forward passes); 0: join at once", min=0, max=1000)
     blas: str = _spec("ORCHARD_BLAS", "Linux CPU BLAS: 'auto' preloads OpenBLAS when installed, 'bundled' keeps MLX's own", choices=("auto", "bundled"))
     log_level: str = _spec("LOG_LEVEL", "logging level", choices=("debug", "info", "warning", "error"))
@@ -208,6 +209,7 @@ DEFAULTS: dict[str, str] = {
     "WARMUP_TOKENS": "auto",
     "DECODE_BATCH": "slots",
     "DECODE_ATTENTION": "auto",
+    "CPU_MATH": "auto",
     "ADMISSION_WAIT_STEPS": "8",
     "ORCHARD_BLAS": "auto",
     "LOG_LEVEL": "info",

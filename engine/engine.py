@@ -176,6 +176,11 @@ class Engine:
         return "kernel" if self._generator.fused_attention else "mask"
 
     @property
+    def cpu_math(self) -> Optional[bool]:
+        """Whether the model's exp-heavy parts run through engine/cpu_math.py; None until loaded."""
+        return getattr(self._generator, "cpu_math", None) if self._generator is not None else None
+
+    @property
     def running(self) -> int:
         return len(self._scheduler.running)
 

@@ -84,7 +84,8 @@ def model_engine(settings: Settings, source_setting: str, model_id: str, max_run
                          prefill_bucket=1 if mx.default_device().type == mx.cpu else PREFILL_BUCKET_GPU,
                          prefix_cache_bytes=_UNBOUNDED if settings.prefix_cache_cap is None else settings.prefix_cache_cap,
                          grammar_tokenizer=model.grammar_tokenizer, stream=stream,
-                         decode_batch=settings.decode_batch, decode_attention=settings.decode_attention)
+                         decode_batch=settings.decode_batch, decode_attention=settings.decode_attention,
+                         cpu_math=settings.cpu_math)
 
     def warm_up(generator, model: LoadedModel, max_running: int) -> None:
         import mlx.core as mx

@@ -35,8 +35,9 @@ class Generator:
     def __init__(self, model, eos_token_ids: Iterable[int], *, max_batch: int,
                  prefill_batch_size: int, prefill_step_size: int, prefix_cache_bytes: int = 0,
                  grammar_tokenizer=None, stream=None, decode_batch: str = "slots",
-                 prefill_chunk: Optional[int] = None, prefill_bucket: int = 1, decode_attention: str = "auto"):
-        from engine import batcher, slot_attention
+                 prefill_chunk: Optional[int] = None, prefill_bucket: int = 1, decode_attention: str = "auto",
+                 cpu_math: str = "mlx"):
+        from engine import batcher, cpu_math as fast_cpu_math, slot_attention
 
         self._model = model
         self._prefill_budget = prefill_step_size  # prompt tokens per step, all prompts together
@@ -56,6 +57,8 @@ class Generator:
                        stream=self._stream)
         # On CUDA the slot groups' decode attention skips the padding mask (engine/slot_attention.py).
         self.fused_attention = self.slots and decode_attention == "auto" and slot_attention.install(model)
+        # On an x86 CPU, SwiGLU's and attention's exp go through MLX's vectorized power (engine/cpu_math.py).
+        self.cpu_math = fast_cpu_math.wanted(cpu_math) and fast_cpu_math.install(model)
         if self.slots:
             self._batch = batcher.SlotBatcher(model, prefill_bucket=prefill_bucket,
                                               fused_attention=self.fused_attention, **options)

@@ -5,13 +5,15 @@ Three rows per batch size, measured back to back in one process:
   batchgen mlx-lm's BatchGenerator, 45-token prompts, 64 tokens each: tok/s over the whole
            round (prefill included) and over its decode steps alone
   engine   Orchard's engine in-process (no HTTP): the same round through the scheduler,
-           the prefix cache and the output bridge; the second round (prompts cached)
+           the prefix cache and the output bridge; the second round (prompts cached);
+           with CPU_MATH=mlx and =auto (engine/cpu_math.py), and the bare model with both
 
     python -m bench.ceiling [--model DIR] [--batches 1,8,20]
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 
 from gevent import monkey
@@ -72,14 +74,14 @@ def run_round(built, batch: int, tag: str) -> None:
     gevent.joinall([gevent.spawn(one, i) for i in range(batch)], raise_error=True)
 
 
-def engine(model_dir: str, batch: int) -> float:
+def engine(model_dir: str, batch: int, cpu_math: str) -> float:
     import gevent
 
     from engine.engine import EngineState
     from engine.factory import build_engine
 
-    built = build_engine(load_settings({"MODEL": model_dir, "MAX_CONCURRENT_REQUESTS": str(max(32, batch))},
-                                       dotenv=False))
+    built = build_engine(load_settings({"MODEL": model_dir, "MAX_CONCURRENT_REQUESTS": str(max(32, batch)),
+                                        "CPU_MATH": cpu_math}, dotenv=False))
     built.start()
     while built.state is EngineState.LOADING:
         gevent.sleep(0.05)
@@ -91,6 +93,22 @@ def engine(model_dir: str, batch: int) -> float:
         return (built.stats.generated_tokens - before) / (time.perf_counter() - started)
     finally:
         built.shutdown()
+
+
+@contextlib.contextmanager
+def model_functions_kept():
+    """CPU_MATH installs its functions into mlx-lm's model modules for the whole process: put
+    MLX's back afterwards, so every row measures the math it names."""
+    import sys
+
+    names = ("swiglu", "scaled_dot_product_attention")
+    modules = [m for n, m in list(sys.modules.items()) if n.startswith("mlx_lm.models.") and m is not None]
+    kept = [(m, name, getattr(m, name)) for m in modules for name in names if hasattr(m, name)]
+    try:
+        yield
+    finally:
+        for module, name, value in kept:
+            setattr(module, name, value)
 
 
 def main() -> None:
@@ -108,10 +126,20 @@ def main() -> None:
 
     model_dir = args.model or resolve("embedded", settings.cache_dir, dtype_setting=settings.model_dtype).location
     model, _ = load(model_dir)
-    print("| batch | bare model tok/s | BatchGenerator round tok/s | its decode steps tok/s | Orchard engine round tok/s |")
-    print("| ---: | ---: | ---: | ---: | ---: |")
+    from engine import cpu_math
+
+    print("| batch | bare model tok/s | bare model, CPU_MATH | BatchGenerator round tok/s | its decode steps tok/s "
+          "| Orchard engine round, CPU_MATH=mlx | Orchard engine round, CPU_MATH=auto |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for batch in (int(b) for b in args.batches.split(",")):
-        row = (bare_model(model, batch), *batch_generator(model, batch), engine(str(model_dir), batch))
+        row = [bare_model(model, batch)]
+        with model_functions_kept():
+            cpu_math.install(model) if cpu_math.wanted("auto") else None
+            row.append(bare_model(model, batch))
+        row += batch_generator(model, batch)
+        for setting in ("mlx", "auto"):
+            with model_functions_kept():
+                row.append(engine(str(model_dir), batch, setting))
         print(f"| {batch} | " + " | ".join(f"{v:.1f}" for v in row) + " |", flush=True)
 
 

@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="OUT.json", help="write raw numbers + metadata")
     p.add_argument("--plot", metavar="OUT.png", help="write a PNG chart (needs matplotlib)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument("--processes", type=_positive, default=1, metavar="P",
+                   help="client processes a level's streams are spread over (default 1; use more "
+                        "where one Python process cannot keep up with the server's events)")
     return p
 
 
@@ -104,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         prompts = load_prompts(args.prompts)
         records = asyncio.run(run_all(targets, args.concurrency, n_for_level, prompts,
                                       args.timeout, max(args.warmup, 0),
-                                      Progress(enabled=not args.quiet)))
+                                      Progress(enabled=not args.quiet), args.processes))
     except (BenchError, ValueError, OSError) as exc:
         print(f"bench: error: {exc}", file=sys.stderr)
         return 1

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 import sys
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from typing import Optional
 from time import perf_counter
 
 from bench.client import RequestSpec, preflight, stream_chat
@@ -66,12 +69,50 @@ class Progress:
 
 async def run_level(target: Target, concurrency: int, n_requests: int,
                     prompts: list[str], timeout: float,
-                    progress: Progress) -> dict:
-    """Run one level; return {'summary': ..., 'requests': [...]}."""
-    ep = target.endpoint
-    order = iter(range(n_requests))  # shared: next() never awaits
-    results = []
+                    progress: Progress, processes: int = 1) -> dict:
+    """Run one level; return {'summary': ..., 'requests': [...]}. With `processes` > 1 the
+    workers are spread over that many client processes (one Python process parsing thousands
+    of SSE events a second falls behind the server and adds its own lag to every TTFT)."""
+    parts = _split(concurrency, n_requests, processes)
     progress.start(f"{target.label} c={concurrency}", n_requests)
+    if len(parts) == 1:
+        start = perf_counter()
+        results = await _workers(target, concurrency, range(n_requests), prompts, timeout, progress, start)
+    else:
+        start = perf_counter() + 1.5 + 0.25 * len(parts)  # every process is up and waiting by then
+        loop = asyncio.get_running_loop()
+        with ProcessPoolExecutor(len(parts), mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = [loop.run_in_executor(pool, _process_workers, target, c, indices, prompts, timeout, start)
+                       for c, indices in parts]
+            results = [r for part in await asyncio.gather(*futures) for r in part]
+        for res in results:
+            progress.update(res)
+    wall = perf_counter() - start
+    results.sort(key=lambda r: r.start)
+    return {"summary": summarize(results, wall, concurrency),
+            "requests": [r.to_dict(start) for r in results]}
+
+
+def _split(concurrency: int, n_requests: int, processes: int) -> list[tuple[int, range]]:
+    """(workers, request indices) per process: workers spread evenly, requests in proportion."""
+    processes = max(1, min(processes, concurrency))
+    workers = [concurrency // processes + (k < concurrency % processes) for k in range(processes)]
+    parts, first = [], 0
+    for k, c in enumerate(workers):
+        last = n_requests if k == processes - 1 else first + round(n_requests * c / concurrency)
+        parts.append((c, range(first, last)))
+        first = last
+    return parts
+
+
+async def _workers(target: Target, concurrency: int, indices: range, prompts: list[str], timeout: float,
+                   progress: Optional[Progress], start: float) -> list:
+    ep = target.endpoint
+    order = iter(indices)  # shared: next() never awaits
+    results = []
+    delay = start - perf_counter()
+    if delay > 0:
+        await asyncio.sleep(delay)
 
     async def worker():
         conn = Connection(ep, min(timeout, 10.0))
@@ -80,16 +121,20 @@ async def run_level(target: Target, concurrency: int, n_requests: int,
                 res = await stream_chat(conn, target.spec, prompts[idx % len(prompts)],
                                         timeout)
                 results.append(res)
-                progress.update(res)
+                if progress is not None:
+                    progress.update(res)
         finally:
             conn.close()
 
-    t0 = perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-    wall = perf_counter() - t0
-    results.sort(key=lambda r: r.start)
-    return {"summary": summarize(results, wall, concurrency),
-            "requests": [r.to_dict(t0) for r in results]}
+    return results
+
+
+def _process_workers(target: Target, concurrency: int, indices: range, prompts: list[str], timeout: float,
+                     start: float) -> list:
+    """One client process's share of a level (perf_counter is the system's monotonic clock on
+    Linux and macOS, so `start` means the same instant in every process)."""
+    return asyncio.run(_workers(target, concurrency, indices, prompts, timeout, None, start))
 
 
 async def prepare(target: Target, warmup: int, prompts: list[str],
@@ -119,14 +164,14 @@ async def prepare(target: Target, warmup: int, prompts: list[str],
 
 async def run_all(targets: list[Target], levels: list[int], n_for_level,
                   prompts: list[str], timeout: float, warmup: int,
-                  progress: Progress) -> list[dict]:
+                  progress: Progress, processes: int = 1) -> list[dict]:
     """Prepare every target, then for each level run each target in turn (A B A B)."""
     for t in targets:
         await prepare(t, warmup, prompts, timeout)
     records = []
     for c in levels:
         for t in targets:
-            rec = await run_level(t, c, n_for_level(c), prompts, timeout, progress)
+            rec = await run_level(t, c, n_for_level(c), prompts, timeout, progress, processes)
             rec["target"] = t.label
             records.append(rec)
     return records

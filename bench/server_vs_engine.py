@@ -104,10 +104,12 @@ def long_prompt_ttft(base: str, model: str, text: str) -> float:
     raise RuntimeError("no token")
 
 
-def bench_level(base: str, level: int, prompts_file: Path, json_out: Path, gen: int, requests_n: int) -> dict:
+def bench_level(base: str, level: int, prompts_file: Path, json_out: Path, gen: int, requests_n: int,
+                streams_per_process: int = 0) -> dict:
+    processes = -(-level // streams_per_process) if streams_per_process else 1
     cmd = [sys.executable, "-m", "bench", "--url", base + "/v1", "--concurrency", str(level), "--max-tokens",
            str(gen), "--quiet", "--warmup", "0", "--prompts", str(prompts_file), "--json", str(json_out),
-           "--requests-per-level", str(requests_n)]
+           "--requests-per-level", str(requests_n), "--processes", str(processes)]
     subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
     level_doc = json.loads(json_out.read_text())["levels"][0]
     summary = level_doc.get("summary") or level_doc
@@ -145,7 +147,7 @@ def run_server(setting: str, shape_dir: Path, args, out: Path) -> dict:
                 prompts.write_text(json.dumps(distinct_prompts(n, seed + hash(tag) % 1000)))
                 before, before_metrics = status_of(base), metric_sums(base)
                 json_out = scratch / f"{tag}-c{level}-{phase}.json"  # the summary keeps what matters
-                row = bench_level(base, level, prompts, json_out, args.max_tokens, n)
+                row = bench_level(base, level, prompts, json_out, args.max_tokens, n, args.streams_per_process)
                 after = status_of(base)
                 row["first_pass"] = phase == "warm"
                 if phase == "warm":
@@ -191,6 +193,8 @@ def main() -> int:
     parser.add_argument("--long-words", type=int, default=6000, help="the long prompt's length in words")
     parser.add_argument("--long-prompts", type=int, default=2, help="long prompts sent one after another at start")
     parser.add_argument("--rounds", type=int, default=3, help="requests per level = rounds x streams")
+    parser.add_argument("--streams-per-process", type=int, default=0,
+                        help="client processes per level: one per this many streams (0: one process)")
     parser.add_argument("--no-raw", action="store_true")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench-results")))
     args = parser.parse_args()

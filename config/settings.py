@@ -59,7 +59,7 @@ class Settings:
     decode_batch: str = _spec("DECODE_BATCH", "the batching core: 'slots' (Orchard's: rows keep a KV slot, join the next decode step, no whole-cache copies; models with plain KV caches, others fall back) or 'mlx-lm' (mlx-lm's BatchGenerator)", choices=("slots", "mlx-lm"))
     decode_attention: str = _spec("DECODE_ATTENTION", "attention of the slot batcher's decode steps: 'auto' (on CUDA, Orchard's kernel that reads each row's left padding, so no mask drives MLX off its fused path; elsewhere, and for models whose attention calls MLX directly or whose heads are not a multiple of 32 wide, mlx-lm's masked attention) or 'mask' (always mlx-lm's)", choices=("auto", "mask"))
     cpu_math: str = _spec("CPU_MATH", "the exp-heavy parts of a forward pass (SwiGLU's sigmoid, attention's softmax) on an x86 CPU: 'auto' (through MLX's vectorized power: its exp runs one element at a time there; 10-18 % of a 20-row decode step of the embedded model; nothing changes on a GPU or another CPU) or 'mlx' (MLX's own)", choices=("auto", "mlx"))
-    admission_wait_steps: int = _spec("ADMISSION_WAIT_STEPS", "engine steps a newcomer may wait for others to join the running batch with it (fewer extra forward passes); 0: join at once", min=0, max=1000)
+    admission_wait_steps: str = _spec("ADMISSION_WAIT_STEPS", "engine steps a newcomer may wait for others to join the running batch with it: 'auto' (0 with the slot batcher, where a joining row rides the next decode step; 8 with mlx-lm's BatchGenerator, where every admission costs an extra forward pass), or 0-1000")
     blas: str = _spec("ORCHARD_BLAS", "Linux CPU BLAS: 'auto' preloads OpenBLAS when installed, 'bundled' keeps MLX's own", choices=("auto", "bundled"))
     log_level: str = _spec("LOG_LEVEL", "logging level", choices=("debug", "info", "warning", "error"))
     allow_public_bind: bool = _spec("ALLOW_PUBLIC_BIND", "allow a non-loopback HOST without API keys")
@@ -130,6 +130,16 @@ class Settings:
         """The most one prompt advances per step: a long prompt's chunk (its attention grows
         with its context, so its chunk is what the other streams wait for)."""
         return self._token_count("PREFILL_CHUNK_SIZE", self.prefill_chunk_size, 128 if cpu else 512)
+
+    def admission_wait(self) -> Optional[int]:
+        """ADMISSION_WAIT_STEPS as a number, or None for 'auto' (the engine decides once it
+        knows its batching core: engine/engine.py)."""
+        raw = self.admission_wait_steps.strip()
+        if raw == "auto":
+            return None
+        if not raw.isdigit() or int(raw) > 1000:
+            raise SettingsError(f"ADMISSION_WAIT_STEPS={raw!r} must be 'auto' or a whole number from 0 to 1000")
+        return int(raw)
 
     @staticmethod
     def _token_count(name: str, value: str, auto: int) -> int:
@@ -210,7 +220,7 @@ DEFAULTS: dict[str, str] = {
     "DECODE_BATCH": "slots",
     "DECODE_ATTENTION": "auto",
     "CPU_MATH": "auto",
-    "ADMISSION_WAIT_STEPS": "8",
+    "ADMISSION_WAIT_STEPS": "auto",
     "ORCHARD_BLAS": "auto",
     "LOG_LEVEL": "info",
     "ALLOW_PUBLIC_BIND": "false",
@@ -294,7 +304,7 @@ def _check_consistency(s: Settings) -> None:
     if s.tool_parser not in ("auto", "hermes", "llama3_json"):
         raise SettingsError(f"TOOL_PARSER={s.tool_parser!r} must be auto, hermes or llama3_json")
     s.kv_budget_bytes, s.prefix_cache_cap, s.memory_budget_bytes  # validates the sizes
-    s.prefill_tokens(cpu=True), s.prefill_chunk(cpu=True)
+    s.prefill_tokens(cpu=True), s.prefill_chunk(cpu=True), s.admission_wait()
     s.warmup(cpu=False)
     if s.distributed_hostfile and not Path(s.distributed_hostfile).expanduser().is_file():
         raise SettingsError(f"DISTRIBUTED_HOSTFILE={s.distributed_hostfile!r}: no such file")

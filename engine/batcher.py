@@ -292,24 +292,13 @@ class SlotBatcher:
         self._joining = []
 
     def _prefill(self) -> None:
-        """Take queued prompts into the prompt batch, hand finished ones to the slots (next
-        call), and prefill one chunk of the rest."""
+        """Take queued prompts into the prompt batch, prefill one chunk of each, and hand the
+        prompts whose KV state is complete to the slots: they join the very next decode step."""
         n = min(self.prefill_batch_size - len(self._prompt_batch), self._decode_room() - len(self._prompt_batch),
                 len(self._unprocessed_sequences))
         if n > 0:
             self._prompt_batch.extend(self._take(n))
-        done = [i for i, seq in enumerate(self._currently_processing)
-                if len(seq[0]) == 1 and len(seq[0][0]) == 1]
-        if done:
-            last = [self._currently_processing[i][0][0][0] for i in done]
-            if len(done) == len(self._prompt_batch):  # the whole batch: no split copy
-                group = self._prompt_batch
-                self._prompt_batch = self._empty_prompt_batch()
-                self._currently_processing = []
-            else:
-                group = self._prompt_batch.split(done)
-                self._currently_processing = [s for i, s in enumerate(self._currently_processing) if i not in done]
-            self._joining.append((group, last))
+        self._hand_over_prefilled()  # prompts that came complete (a whole prefix-cache hit, one token)
         prompts = []
         share = self.prefill_step_size
         if self.prefill_bucket > 1:  # chunk boundaries on the bucket: contexts stay on it too
@@ -328,6 +317,26 @@ class SlotBatcher:
             self._prompt_batch.prompt(prompts)
             self._counters.prompt_tokens += sum(len(p) for p in prompts)
             self._counters.prompt_time += time.perf_counter() - tic
+            # Those this pass completed join the next step, not the one after: a step sooner
+            # to each request's first token (a whole decode step: 100-150 ms on the CPU).
+            self._hand_over_prefilled()
+
+    def _hand_over_prefilled(self) -> None:
+        """Prompt-batch rows with only their last token left (their decode input) move to the
+        joining list, split off the prompt batch."""
+        done = [i for i, seq in enumerate(self._currently_processing)
+                if len(seq[0]) == 1 and len(seq[0][0]) == 1]
+        if not done:
+            return
+        last = [self._currently_processing[i][0][0][0] for i in done]
+        if len(done) == len(self._prompt_batch):  # the whole batch: no split copy
+            group = self._prompt_batch
+            self._prompt_batch = self._empty_prompt_batch()
+            self._currently_processing = []
+        else:
+            group = self._prompt_batch.split(done)
+            self._currently_processing = [s for i, s in enumerate(self._currently_processing) if i not in done]
+        self._joining.append((group, last))
 
     def _empty_prompt_batch(self) -> _PromptBatch:
         batch = _PromptBatch.empty(self.model, greedy_sampler, prefill_step_size=self.prefill_step_size)

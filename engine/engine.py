@@ -25,6 +25,8 @@ from engine.scheduler import Scheduler, Sequence
 log = logging.getLogger("orchard.engine")
 
 
+AUTO_ADMISSION_WAIT = 8  # ADMISSION_WAIT_STEPS=auto with mlx-lm's BatchGenerator
+
 class EngineState(str, enum.Enum):
     LOADING = "loading"  # the text side, or the weights, are being loaded
     READY = "ready"  # weights loaded: serving
@@ -65,7 +67,7 @@ class Engine:
     def __init__(self, loader: Callable[[bool], LoadedModel], *, max_running: int,
                  generator_factory: Callable[[LoadedModel, int], object],
                  preload: Optional[Callable[[], None]] = None, kv_budget: Optional[int] = None,
-                 admission_group: int = 1, admission_wait_steps: int = 0, model_id: str = "",
+                 admission_group: int = 1, admission_wait_steps: Optional[int] = 0, model_id: str = "",
                  pinned: bool = True, weight_estimate: int = 0,
                  warm_up: Optional[Callable[[object, LoadedModel, int], None]] = None):
         self._loader = loader  # loader(with_weights, group) -> LoadedModel
@@ -74,8 +76,9 @@ class Engine:
         self._kv_budget_setting = kv_budget
         self._generator_factory = generator_factory
         self._host = None
+        self._admission_wait = admission_wait_steps  # None: by the batching core (_start_serving)
         self._scheduler = Scheduler(max_running=max_running, group_size=admission_group,
-                                    max_wait_steps=admission_wait_steps)
+                                    max_wait_steps=admission_wait_steps or 0)
         self._generator = None
         self._scorer = None  # engine.prompt_scorer.PromptScorer once the model is loaded
         self._to_score: list[AddRequest] = []  # prompt-logprob requests that arrived while unloaded
@@ -244,6 +247,11 @@ class Engine:
 
     def _start_serving(self, model: LoadedModel) -> None:
         self._generator = self._generator_factory(model, self._scheduler.max_running, self._host.stream)
+        if self._admission_wait is None:
+            # Gathering newcomers saves mlx-lm's BatchGenerator an extra forward pass per
+            # admission; the slot batcher has none to save (a joining row rides the next decode
+            # step), so there waiting would only delay first tokens (docs/benchmarks.md, stop 19).
+            self._scheduler.max_wait_steps = 0 if getattr(self._generator, "slots", True) else AUTO_ADMISSION_WAIT
         if self._warm_up is not None:
             self._warm_up(self._generator, model, self._scheduler.max_running)
         if hasattr(self._generator, "keep_prefix"):  # a real model (not the synthetic generator)

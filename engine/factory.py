@@ -106,7 +106,7 @@ def model_engine(settings: Settings, source_setting: str, model_id: str, max_run
 
     engine = Engine(_loader(settings, None, model_id, sources), max_running=max_running,
                     generator_factory=make_generator, preload=preload, kv_budget=kv_budget,
-                    admission_group=settings.prefill_batch_size, admission_wait_steps=settings.admission_wait_steps,
+                    admission_group=settings.prefill_batch_size, admission_wait_steps=settings.admission_wait(),
                     model_id=model_id, pinned=pinned, warm_up=warm_up)
     return engine
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 import gevent
 import pytest
 
+from config import load_settings
+from config.settings import SettingsError
 from engine.messages import AddRequest
 from engine.sampling import SamplingParams
 from tests.engine_harness import encoded_prompts, run, run_many, running_engine
@@ -87,6 +89,22 @@ def test_a_failing_step_fails_only_its_requests_and_the_engine_serves_on(engine,
     tokens, finished = run(engine, prompts[0], 4, sampling=GREEDY, ignore_eos=True)
     assert (finished.finish_reason, len(tokens)) == ("length", 4)
     assert engine.stats.requests_failed >= 1
+
+
+@pytest.mark.parametrize("core, wait", [("slots", 0), ("mlx-lm", 8)])
+def test_admission_wait_auto_follows_the_batching_core(tiny_model_dir, prompts, core, wait):
+    """ADMISSION_WAIT_STEPS=auto: the slot batcher admits at once (a joining row rides the next
+    decode step); mlx-lm's BatchGenerator gathers newcomers (each admission is a pass of its own)."""
+    with running_engine(MODEL=tiny_model_dir, DECODE_BATCH=core) as engine:
+        assert engine.decode_core == core and engine._scheduler.max_wait_steps == wait
+        tokens, finished = run(engine, prompts[0], 3, sampling=GREEDY, ignore_eos=True)
+        assert (finished.finish_reason, len(tokens)) == ("length", 3)
+
+
+@pytest.mark.parametrize("raw", ["-1", "1001", "soon"])
+def test_admission_wait_refuses_what_is_not_auto_or_a_step_count(raw):
+    with pytest.raises(SettingsError, match="ADMISSION_WAIT_STEPS"):
+        load_settings({"ADMISSION_WAIT_STEPS": raw}, dotenv=False)
 
 
 def test_a_newcomer_waits_for_company_while_a_batch_runs(tiny_model_dir, prompts):

@@ -292,7 +292,11 @@ def test_sigterm_refuses_new_work_finishes_in_flight_and_exits_zero(tiny_server_
     assert all(r["choices"][0]["finish_reason"] == "length" and r["usage"]["completion_tokens"] == 600
                for r in results)
     assert server.proc.wait(30) == 0
-    assert "drained" in server.full_log()
+    log = server.full_log()
+    assert "drained" in log
+    # The worker itself ended cleanly too: Gunicorn's master logs a worker killed by a signal
+    # ("was sent SIGABRT!", as MLX's CUDA teardown once did) or a non-zero status.
+    assert "was sent SIG" not in log and "exited with code" not in log
 
 
 def test_drain_budget_ends_long_requests_with_a_clear_reason(tiny_server_factory):

@@ -242,3 +242,26 @@ def test_ab_mode_and_unreachable(tmp_path, capsys):
     # nothing listening: a clean error code, not a traceback
     assert cli.main(["--url", "http://127.0.0.1:9/v1", "--model", "m", "--quiet",
                      "--concurrency", "1"]) == 1
+
+
+def test_a_level_spread_over_client_processes_runs_every_request_once(tmp_path):
+    """--processes: streams and requests split over spawned client processes, one summary."""
+    with fake_server() as url:
+        doc = _run(tmp_path, "--url", url, "--concurrency", "5", "--requests-per-level", "11",
+                   "--max-tokens", "4", "--processes", "2", timeout="20")
+    (level,) = doc["levels"]
+    s = level["summary"]
+    assert s["concurrency"] == 5 and s["requests"] == 11 and s["success_rate"] == 1.0
+    assert s["output_tokens"] == 44 and s["tok_per_s"] > 0 and s["ttft_p95"] is not None
+    starts = [r["start"] for r in level["requests"]]
+    assert starts == sorted(starts) and min(starts) >= 0  # one clock across the processes
+
+
+@pytest.mark.parametrize("concurrency, n, processes, want", [
+    (5, 11, 2, [(3, 7), (2, 4)]), (128, 384, 4, [(32, 96)] * 4), (2, 6, 8, [(1, 3), (1, 3)]), (8, 8, 1, [(8, 8)])])
+def test_split_spreads_streams_evenly_and_requests_in_proportion(concurrency, n, processes, want):
+    from bench.runner import _split
+
+    parts = _split(concurrency, n, processes)
+    assert [(c, len(r)) for c, r in parts] == want
+    assert [i for _, r in parts for i in r] == list(range(n))

@@ -56,7 +56,7 @@ class ModelServices:
     every API (one GenerationContext, one Admission, one Constraints)."""
 
     def __init__(self, engine: Engine, settings: Settings, metrics: Metrics, limiter: RateLimiter, store):
-        text = ModelText(engine.model)
+        self.text = text = ModelText(engine.model)
         ctx = GenerationContext(engine, text, metrics, settings.queue_timeout)
         self.chat = ChatServing(ctx, settings, Admission(engine, settings, limiter), Constraints(text, settings.tool_parser))
         self._settings, self._store = settings, store
@@ -101,7 +101,31 @@ class Orchard:
         orchard.catalog.start()
         orchard.meter.start()
         gevent.spawn(orchard.catalog.unload_idle_models)
+        gevent.spawn(orchard.prepare_services)
         return orchard
+
+    def prepare_services(self, poll_s: float = 0.2) -> int:
+        """Build each pinned chat model's serving objects once its engine is ready, and render
+        and tokenize one probe conversation (the chat template's first compile, the tool
+        probe): paid at start, not by the first request. Returns how many were prepared."""
+        pending = [e for e in self.catalog.pinned_engines() if not getattr(e, "is_embedding", False)]
+        prepared = 0
+        while pending and not self.draining:
+            for engine in list(pending):
+                if engine.state is EngineState.READY and engine.text_ready:
+                    pending.remove(engine)
+                    try:
+                        text = self.services(engine.model_id).text
+                        text.encode_chat([{"role": "user", "content": "Orchard is starting."}])
+                        text.template_renders_tools  # noqa: B018  (cached: the tool probe renders once)
+                        prepared += 1
+                    except Exception:  # the first request builds them instead, and reports why
+                        log.debug("preparing %s's serving objects failed", engine.model_id, exc_info=True)
+                elif engine.state not in (EngineState.LOADING, EngineState.READY):
+                    pending.remove(engine)  # failed or stopped: health reports it
+            if pending:
+                gevent.sleep(poll_s)
+        return prepared
 
     def start_watchdog(self, stop_accepting: Optional[Callable[[], None]] = None) -> None:
         """Only in a Gunicorn worker (gunicorn.conf.py): a dead engine ends the process."""

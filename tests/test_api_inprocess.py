@@ -111,3 +111,22 @@ def test_status_reports_engine_model_and_memory(client):
     assert status["tokens"]["generated"] > 0 and status["memory"]["rss_bytes"] > 0
     assert status["memory"]["mlx_active_bytes"] > 0
     assert status["backend"]["blas"].startswith(("OpenBLAS", "bundled", "Metal"))
+
+
+def test_the_models_serving_objects_are_built_at_start_not_by_the_first_request(tiny_model_dir):
+    """Orchard.prepare_services: once the engine is ready, the chat template has rendered and
+    the tokenizer has run (a probe conversation) before any request arrives."""
+    import gevent
+
+    settings = load_settings({"MODEL": str(tiny_model_dir), "MODEL_ID": "tiny-prepared"}, dotenv=False)
+    with running_app(settings) as app:
+        orchard = app.extensions["orchard"]
+        with gevent.Timeout(30):
+            while "tiny-prepared" not in orchard._services:
+                gevent.sleep(0.02)
+        text = orchard._services["tiny-prepared"].text
+        assert "template_renders_tools" in vars(text)  # the tool probe is cached already
+        assert orchard.prepare_services(poll_s=0.01) == 1  # idempotent: the same objects again
+        assert orchard._services["tiny-prepared"].text is text
+        response = app.test_client().post("/v1/chat/completions", json={**BODY, "model": "tiny-prepared"})
+        assert response.status_code == 200 and response.get_json()["choices"][0]["message"]["content"] is not None

@@ -48,3 +48,4 @@ def test_the_worker_leaves_with_its_status(conf, monkeypatch):
     except SystemExit:
         conf.worker_exit(None, Worker(os.getpid()))  # as in Gunicorn's `finally`
     assert exits == [4]
+

@@ -52,7 +52,7 @@ class Settings:
     responses_store_ttl: int = _spec("RESPONSES_STORE_TTL", "seconds a stored response lives", min=1, max=30 * 86400)
     max_n: int = _spec("MAX_N", "largest `n` (choices per request) a request may ask for", min=1, max=128)
     tool_parser: str = _spec("TOOL_PARSER", "tool-call format: auto (from the chat template), hermes or llama3_json")
-    prefill_step_size: str = _spec("PREFILL_STEP_SIZE", "prompt tokens prefilled per engine step, all prompts together, beside the decoding rows (smaller keeps streams smooth while prompts arrive): 'auto' (128 on the CPU, 4096 on a GPU) or 16-65536")
+    prefill_step_size: str = _spec("PREFILL_STEP_SIZE", "prompt tokens prefilled per engine step, all prompts together, beside the decoding rows (smaller keeps streams smooth while prompts arrive): 'auto' (512 on the CPU, 4096 on a GPU) or 16-65536")
     prefill_chunk_size: str = _spec("PREFILL_CHUNK_SIZE", "the most prompt tokens one prompt advances per engine step (a long prompt's share of PREFILL_STEP_SIZE; smaller keeps the other streams smooth while it prefills): 'auto' (128 on the CPU, 512 on a GPU) or 16-65536")
     prefill_batch_size: int = _spec("PREFILL_BATCH_SIZE", "prompts prefilled together", min=1, max=1024)
     warmup_tokens: str = _spec("WARMUP_TOKENS", "before /health says ready, the engine prefills a synthetic prompt of this many tokens and decodes at batch sizes 1, 2, 4... up to MAX_CONCURRENT_REQUESTS, so the kernels of the shapes it will serve are compiled before the first request: 'auto' (8192 on a GPU, off on the CPU, where nothing compiles per shape), 0 (off) or a count")
@@ -120,11 +120,14 @@ class Settings:
 
     def prefill_tokens(self, cpu: bool) -> int:
         """The per-step prompt-token budget, all prompts together. 'auto': on the 2-core CPU a
-        prefill token costs about as much as a decoding row, so 128 (a 4k prompt's longest freeze
-        of the others 2.7 s, not 7-9 s at 512, for the same TTFT: docs/benchmarks.md, issue 14);
-        on a GPU a prompt token costs a small fraction of a decode step, and a closed loop's new
-        prompts (16 of ~150 tokens each) must get in within a step or two, so 4096."""
-        return self._token_count("PREFILL_STEP_SIZE", self.prefill_step_size, 128 if cpu else 4096)
+        prefill token costs about as much as a decoding row, so one prompt advances at most
+        PREFILL_CHUNK_SIZE (128: a 4k prompt's longest freeze of the others 2.7 s, not 7-9 s at
+        512), but a burst of short prompts may take 512 together (16 new prompts of ~50 tokens
+        get in within two steps, not eight: TTFT p95 below mlx_lm.server's at 8 and 20 users,
+        docs/benchmarks.md, stop 19); on a GPU a prompt token costs a small fraction of a decode
+        step, and a closed loop's new prompts (16 of ~150 tokens each) must get in within a step
+        or two, so 4096."""
+        return self._token_count("PREFILL_STEP_SIZE", self.prefill_step_size, 512 if cpu else 4096)
 
     def prefill_chunk(self, cpu: bool) -> int:
         """The most one prompt advances per step: a long prompt's chunk (its attention grows
@@ -215,7 +218,7 @@ DEFAULTS: dict[str, str] = {
     "TOOL_PARSER": "auto",
     "PREFILL_STEP_SIZE": "auto",
     "PREFILL_CHUNK_SIZE": "auto",
-    "PREFILL_BATCH_SIZE": "8",
+    "PREFILL_BATCH_SIZE": "16",
     "WARMUP_TOKENS": "auto",
     "DECODE_BATCH": "slots",
     "DECODE_ATTENTION": "auto",

@@ -85,7 +85,7 @@ def test_followers_survive_their_leader_leaving_before_its_prompt_is_done(model)
     assert results[0][0] not in out and results[2][0] not in out
 
 
-@pytest.mark.parametrize("raw, cpu, budget", [("auto", True, 128), ("auto", False, 4096), ("64", True, 64),
+@pytest.mark.parametrize("raw, cpu, budget", [("auto", True, 512), ("auto", False, 4096), ("64", True, 64),
                                               ("2048", False, 2048)])
 def test_the_budget_setting_is_auto_per_device_or_a_number(raw, cpu, budget):
     from config import load_settings

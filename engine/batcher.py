@@ -116,6 +116,21 @@ class _PromptBatch(PromptProcessingBatch):
             values = getattr(self, name)
             setattr(self, name, [values[i] for i in keep])
 
+    def extract_cache(self, idx):
+        """One row's KV state as plain caches, its padding known on the host as in `filter`
+        (mlx-lm's extract reads every layer's padding back: a host sync per layer)."""
+        if not self.prompt_cache or self.prompt_cache[0].keys is None:
+            return super().extract_cache(idx)
+        out = []
+        for c in self.prompt_cache:
+            start = c._idx - len(self.tokens[idx])
+            layer = KVCache()
+            layer.keys = mx.contiguous(c.keys[idx:idx + 1, :, start:c._idx])
+            layer.values = mx.contiguous(c.values[idx:idx + 1, :, start:c._idx])
+            layer.offset = layer.keys.shape[2]
+            out.append(layer)
+        return out
+
 
 def supports(model) -> bool:
     """Slots need plain KV caches (a sliding window or a recurrent state cannot move like that)."""
@@ -226,6 +241,12 @@ class SlotBatcher:
         """Prompts the next call will prefill a chunk of (the prefill budget's divisor)."""
         free = max(0, self.prefill_batch_size - len(self._prompt_batch))
         return len(self._prompt_batch) + min(len(self._unprocessed_sequences), free, self._decode_room())
+
+    def prompt_done(self, uid: int) -> bool:
+        """The sequence's prompt is all in its KV state (it joins the next decode step, or decodes)."""
+        if any(uid in group for group in self._groups.values()):
+            return True
+        return any(u == uid and t is not None for group, last in self._joining for u, t in zip(group.uids, last))
 
     @property
     def decoding(self) -> bool:

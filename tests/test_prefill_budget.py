@@ -169,3 +169,27 @@ def test_bucketed_prefill_keeps_splitting_the_budget_when_idle(model):
     gen.insert_many([request(f"g{j}", [j + 3] + LONG[:40], 3) for j in range(6)])
     gen.step()
     assert [shape for shape in model.fed if shape[1] > 1] == [(6, 16)]  # 64 // 6 -> 16 each, on the bucket
+
+
+def test_followers_get_their_first_token_one_step_after_their_leader(model):
+    """With slots the leader's KV state is handed on as soon as its last prompt chunk is queued
+    (not when its first token comes back), so the `n` choices' first tokens are one step apart;
+    their answers still equal a solo run's."""
+    prompt = LONG[:40]
+    solo_gen = generator(model)
+    (solo,) = solo_gen.insert_many([request("solo", prompt, 4)])
+    expected = drain(solo_gen, {solo[0]})[solo[0]]
+
+    gen = generator(model)
+    results = gen.insert_many([request(f"n{i}", prompt, 4) for i in range(3)])
+    first: dict[int, int] = {}
+    out: dict[int, list[int]] = {}
+    for step in range(40):
+        for t in gen.step():
+            first.setdefault(t.uid, step)
+            out.setdefault(t.uid, []).append(t.token)
+        if not gen.busy:
+            break
+    leader = first[results[0][0]]
+    assert sorted(first[uid] - leader for uid, _ in results) == [0, 1, 1]
+    assert [out[uid] for uid, _ in results] == [expected] * 3

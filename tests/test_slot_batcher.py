@@ -276,3 +276,7 @@ def test_the_prompt_batch_filters_without_reading_back_and_as_mlx_lm_does(model)
             assert a.offset.tolist() == b.offset.tolist() and a.left_padding.tolist() == b.left_padding.tolist()
             assert mx.array_equal(a.keys[..., :a._idx, :], b.keys[..., :b._idx, :]).item()
             assert mx.array_equal(a.values[..., :a._idx, :], b.values[..., :b._idx, :]).item()
+    for row in range(len(ours.uids)):  # one row's state, as a follower's copy is made
+        for a, b in zip(ours.extract_cache(row), theirs.extract_cache(row)):
+            assert a.offset == b.offset and mx.array_equal(a.keys, b.keys).item()
+            assert mx.array_equal(a.values, b.values).item()

@@ -134,7 +134,8 @@ def main() -> None:
     for batch in (int(b) for b in args.batches.split(",")):
         row = [bare_model(model, batch)]
         with model_functions_kept():
-            cpu_math.install(model) if cpu_math.wanted("auto") else None
+            if cpu_math.wanted("auto"):
+                cpu_math.install(model)
             row.append(bare_model(model, batch))
         row += batch_generator(model, batch)
         for setting in ("mlx", "auto"):

@@ -27,6 +27,7 @@ log = logging.getLogger("orchard.engine")
 
 AUTO_ADMISSION_WAIT = 8  # ADMISSION_WAIT_STEPS=auto with mlx-lm's BatchGenerator
 
+
 class EngineState(str, enum.Enum):
     LOADING = "loading"  # the text side, or the weights, are being loaded
     READY = "ready"  # weights loaded: serving

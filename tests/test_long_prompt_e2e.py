@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from engine import slot_attention
+from engine import cpu_math, slot_attention
 from tests.conftest import assert_never_blocked
 from tests.server import ROOT, ServerProcess
 
@@ -155,6 +155,7 @@ def test_a_long_row_beside_short_streams_answers_exactly_as_alone(model_dir, tmp
         batch = requests.get(server.base_url + "/v1/system/status", timeout=10).json()["batch"]
         assert batch["core"] == "slots" and batch["decode_groups_max_seen"] == 2  # short rows, the long one
         assert batch["attention"] == ("kernel" if slot_attention.available() else "mask")  # the kernel is CUDA's
+        assert batch["cpu_math"] is cpu_math.wanted("auto")  # CPU_MATH=auto reached the engine (x86 CPU only)
         assert_never_blocked(server)
     finally:
         server.stop()

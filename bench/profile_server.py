@@ -111,7 +111,7 @@ def main() -> int:
             before = status_of(base)["batch"]
             row: dict = {}
             for kind, flags in (("all", ["--idle"]), ("gil", ["--gil"])):
-                raw = Path(f"/tmp/profile-{level}-{kind}.txt")
+                raw = args.out / f"profile-{level}-{kind}.txt"  # collapsed stacks: small, kept
                 subprocess.run([args.py_spy, "record", "--pid", str(worker), "--duration", str(args.seconds),
                                 "--rate", "250", "--format", "raw", "--threads", "--nonblocking", "-o", str(raw), *flags],
                                check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

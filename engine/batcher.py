@@ -42,9 +42,40 @@ from mlx_lm.generate import PromptProcessingBatch, StopSequences
 from mlx_lm.models.cache import KVCache, make_prompt_cache
 from mlx_lm.sample_utils import greedy_sampler
 
-from engine.decode_slots import DecodeGroup, Response, Row
+from engine.decode_slots import DecodeGroup, FirstToken, Response, Row, sample
 
 _SHORT_ROWS = 2048  # rows below this many tokens decode together; each class above spans 4x more
+
+
+# Architectures whose forward pass is exactly: inner model, then the output projection (the
+# tied embedding or lm_head). For these the last prefill pass of a prompt projects only its
+# last position and samples the first token there (see SlotBatcher._prefill).
+_PLAIN_HEADS = ("llama", "qwen2", "qwen3", "mistral", "ministral3")
+
+
+class OutputHead:
+    """A model split at its output projection: hidden states for a chunk, logits for a few rows."""
+
+    def __init__(self, model):
+        self.inner = model.model
+        self._model = model
+
+    def project(self, hidden: mx.array) -> mx.array:
+        model = self._model
+        if model.args.tie_word_embeddings:
+            return model.model.embed_tokens.as_linear(hidden)
+        return model.lm_head(hidden)
+
+
+def output_head(model) -> Optional[OutputHead]:
+    """The model's head, if its architecture is one whose forward pass is known to be exactly
+    inner model then projection; None keeps the prompt's last token for a decode step."""
+    args = getattr(model, "args", None)
+    if getattr(args, "model_type", None) not in _PLAIN_HEADS or not hasattr(model, "model"):
+        return None
+    if not hasattr(args, "tie_word_embeddings") or not (args.tie_word_embeddings or hasattr(model, "lm_head")):
+        return None
+    return OutputHead(model)
 
 
 def width_class(tokens: int) -> int:
@@ -77,10 +108,13 @@ class _PromptBatch(PromptProcessingBatch):
       batch's last column and holds exactly its tokens."""
 
     bucket = 1
+    head: Optional[OutputHead] = None  # set when the rows' first tokens come from their last pass
 
-    def prompt(self, tokens):
+    def prompt(self, tokens, finishing=()):
+        """Queue one pass over each row's next chunk. `finishing`: rows this chunk completes;
+        returns their logits at their last real position (k, vocab), or None."""
         if not tokens:
-            return
+            return None
         for kept, new in zip(self.tokens, tokens):
             kept += new
         lengths = [len(t) for t in tokens]
@@ -96,11 +130,21 @@ class _PromptBatch(PromptProcessingBatch):
         if any(padding):
             for c in self.prompt_cache:
                 c.prepare(lengths=lengths, right_padding=padding)
-        self.model(mx.array([t + [0] * (target - len(t)) for t in tokens]), cache=self.prompt_cache)
+        inputs = mx.array([t + [0] * (target - len(t)) for t in tokens])
+        logits = None
+        if finishing and self.head is not None:
+            # Only the completed rows' last positions are projected: the whole chunk's logits
+            # would be a (rows, length, vocab) product, most of a pass's cost on the CPU.
+            hidden = self.head.inner(inputs, cache=self.prompt_cache)
+            last = hidden[mx.array(list(finishing)), mx.array([lengths[i] - 1 for i in finishing])]
+            logits = self.head.project(last)
+        else:
+            self.model(inputs, cache=self.prompt_cache)
         if any(padding):
             for c in self.prompt_cache:
                 c.finalize()
         mx.async_eval([c.state for c in self.prompt_cache])
+        return logits
 
     def filter(self, keep):
         if not keep or not self.prompt_cache or self.prompt_cache[0].keys is None:
@@ -159,12 +203,17 @@ class SlotBatcher:
         self._default_stops = StopSequences(stop_tokens or None)
         self._uids = 0
         self._counters = _Counters()
+        # A row's first token is sampled in its prompt's last prefill pass where the model allows
+        # (one step sooner to every first token); else its prompt's last token is kept for a
+        # decode step, as mlx-lm does.
+        self._head = output_head(model)
         # Prefill: mlx-lm's prompt batch (chunking, right padding, merged prefix-cache states).
         self._unprocessed_sequences: deque = deque()  # (uid, segments, max_tokens, cache, tokens, sampler, processors, stop)
         self._prompt_batch = self._empty_prompt_batch()
         self._currently_processing: list = []  # [segments, done, total] per prompt-batch row
         self._options: dict[int, tuple] = {}  # uid -> (max_tokens, stop, wants_logprobs) until it decodes
-        self._joining: list[tuple[PromptProcessingBatch, list]] = []  # prefilled groups and their last tokens
+        self._joining: list[tuple[PromptProcessingBatch, list]] = []  # prefilled groups and their inputs
+        self._first: dict[int, FirstToken] = {}  # uid -> first token, until the row is handed over
         # Decode: one group of slots per width class that has rows (engine/decode_slots.py).
         self._groups: dict[int, DecodeGroup] = {}
 
@@ -179,8 +228,10 @@ class SlotBatcher:
             limit = max_tokens[i] if max_tokens else 128
             if limit <= 0:
                 raise ValueError(f"Sequence {uid}'s max_tokens must be > 0.")
-            segments = [prompt[:-1], prompt[-1:]] if len(prompt) > 1 else [prompt]
-            segments = [s for s in segments if s]
+            if self._head is not None or len(prompt) == 1:
+                segments = [list(prompt)]  # one token left over joins as it is (see _hand_over_prefilled)
+            else:
+                segments = [prompt[:-1], prompt[-1:]]
             cache = (caches[i] if caches and caches[i] else None) or make_prompt_cache(self.model)
             sampler = (samplers[i] if samplers else None) or greedy_sampler
             processors = tuple(logits_processors[i]) if logits_processors and logits_processors[i] else ()
@@ -206,6 +257,7 @@ class SlotBatcher:
                     last[i] = None  # prefilled, not yet in a slot: it never joins
         for uid in uids:
             self._options.pop(uid, None)
+            self._first.pop(uid, None)
             for group in self._groups.values():
                 group.drop(uid)
         return caches
@@ -242,6 +294,11 @@ class SlotBatcher:
         free = max(0, self.prefill_batch_size - len(self._prompt_batch))
         return len(self._prompt_batch) + min(len(self._unprocessed_sequences), free, self._decode_room())
 
+    @property
+    def first_token_in_prefill(self) -> bool:
+        """A prompt's last prefill pass samples its first token (the whole prompt is prefilled)."""
+        return self._head is not None
+
     def prompt_done(self, uid: int) -> bool:
         """The sequence's prompt is all in its KV state (it joins the next decode step, or decodes)."""
         if any(uid in group for group in self._groups.values()):
@@ -264,6 +321,7 @@ class SlotBatcher:
         """One call: launch a decode step for every slot (joining rows included), hand out the
         previous step's tokens, then prefill one chunk. Returns ([], responses) like mlx-lm."""
         with mx.stream(self._stream):
+            self._take_queued()
             responses = self._decode()
             self._prefill()
         return [], responses
@@ -312,44 +370,78 @@ class SlotBatcher:
             group.join(batch, last, rows)
         self._joining = []
 
-    def _prefill(self) -> None:
-        """Take queued prompts into the prompt batch, prefill one chunk of each, and hand the
-        prompts whose KV state is complete to the slots: they join the very next decode step."""
+    def _take_queued(self) -> None:
+        """Take queued prompts into the prompt batch. Those that came complete (one token left:
+        a whole prefix-cache hit, a follower of a shared prefill) join this step's decode."""
         n = min(self.prefill_batch_size - len(self._prompt_batch), self._decode_room() - len(self._prompt_batch),
                 len(self._unprocessed_sequences))
         if n > 0:
             self._prompt_batch.extend(self._take(n))
-        self._hand_over_prefilled()  # prompts that came complete (a whole prefix-cache hit, one token)
-        prompts = []
+        self._hand_over_prefilled()
+
+    def _prefill(self) -> None:
+        """Prefill one chunk of each prompt in the prompt batch, and hand the prompts whose KV
+        state is complete to the slots: they join the very next decode step."""
+        prompts, finishing = [], []
         share = self.prefill_step_size
         if self.prefill_bucket > 1:  # chunk boundaries on the bucket: contexts stay on it too
             share = max(self.prefill_bucket, share - share % self.prefill_bucket)
-        for seq in self._currently_processing:
+        for i, seq in enumerate(self._currently_processing):
             segments = seq[0]
             take = min(len(segments[0]), share)
             prompts.append(segments[0][:take])
             segments[0] = segments[0][take:]
             if not segments[0]:
                 segments.pop(0)
+            if not segments:
+                finishing.append(i)  # this pass ends its prompt: its first token comes from it
             seq[1] += take
         if prompts:
             tic = time.perf_counter()
             self._prompt_batch.prefill_step_size = share
-            self._prompt_batch.prompt(prompts)
+            logits = self._prompt_batch.prompt(prompts, finishing)
+            if finishing:
+                self._sample_first(logits, finishing)
             self._counters.prompt_tokens += sum(len(p) for p in prompts)
             self._counters.prompt_time += time.perf_counter() - tic
             # Those this pass completed join the next step, not the one after: a step sooner
             # to each request's first token (a whole decode step: 100-150 ms on the CPU).
             self._hand_over_prefilled()
 
+    def _sample_first(self, logits: mx.array, finishing: list[int]) -> None:
+        """The first token of each row the pass just completed, from its last position's logits,
+        with the row's logits processors and sampler (as its decode steps will use them)."""
+        batch = self._prompt_batch
+        rows = []
+        for k, i in enumerate(finishing):
+            row_logits = logits[k:k + 1]
+            processors = batch.logits_processors[i]
+            if processors:
+                context = mx.array(batch.tokens[i])  # the whole prompt: what its first decode step would see
+                for processor in processors:
+                    row_logits = processor(context, row_logits)
+            rows.append(row_logits)
+        logits = rows[0] if len(rows) == 1 else mx.concatenate(rows, axis=0)
+        samplers = [batch.samplers[i] or greedy_sampler for i in finishing]
+        wants = [self._options[batch.uids[i]][2] for i in finishing]
+        needs = any(wants) or any(s is not greedy_sampler for s in samplers)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True) if needs else None
+        tokens = sample(logits, logprobs, samplers)
+        mx.async_eval(tokens, *(() if logprobs is None else (logprobs,)))
+        for k, i in enumerate(finishing):
+            self._first[batch.uids[i]] = FirstToken(tokens, k, logprobs[k] if wants[k] else None)
+
     def _hand_over_prefilled(self) -> None:
-        """Prompt-batch rows with only their last token left (their decode input) move to the
-        joining list, split off the prompt batch."""
+        """Prompt-batch rows whose prompt is in their KV state (their first token sampled) or
+        has only its last token left (their first decode input) move to the joining list,
+        split off the prompt batch."""
         done = [i for i, seq in enumerate(self._currently_processing)
-                if len(seq[0]) == 1 and len(seq[0][0]) == 1]
+                if not seq[0] or (len(seq[0]) == 1 and len(seq[0][0]) == 1)]
         if not done:
             return
-        last = [self._currently_processing[i][0][0][0] for i in done]
+        uids = self._prompt_batch.uids
+        last = [self._first.pop(uids[i]) if not self._currently_processing[i][0]
+                else self._currently_processing[i][0][0][0] for i in done]
         if len(done) == len(self._prompt_batch):  # the whole batch: no split copy
             group = self._prompt_batch
             self._prompt_batch = self._empty_prompt_batch()
@@ -361,7 +453,7 @@ class SlotBatcher:
 
     def _empty_prompt_batch(self) -> _PromptBatch:
         batch = _PromptBatch.empty(self.model, greedy_sampler, prefill_step_size=self.prefill_step_size)
-        batch.bucket = self.prefill_bucket
+        batch.bucket, batch.head = self.prefill_bucket, self._head
         return batch
 
     def _take(self, n: int) -> PromptProcessingBatch:
@@ -374,5 +466,5 @@ class SlotBatcher:
             samplers=[s[5] for s in taken], fallback_sampler=greedy_sampler,
             logits_processors=[s[6] for s in taken], stop_sequences=[s[7] for s in taken],
             max_tokens=[s[2] for s in taken])
-        batch.bucket = self.prefill_bucket
+        batch.bucket, batch.head = self.prefill_bucket, self._head
         return batch

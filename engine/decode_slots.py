@@ -33,6 +33,36 @@ class Response:
     all_tokens: Optional[List[int]]  # the tokens that state holds
 
 
+@dataclass
+class FirstToken:
+    """A row's first token, sampled from its prompt's last prefill pass and still on the device:
+    the row joins a decode group with it as its input, and it is read back (and handed out)
+    with that group's next step, one step sooner than a prompt whose last token still had to
+    go through a decode step."""
+    tokens: mx.array  # the pass's samples, one per row it completed
+    index: int  # this row's
+    logprobs: Optional[mx.array]  # its log-probabilities over the vocabulary, when needed
+
+
+def sample(logits: mx.array, logprobs: Optional[mx.array], samplers: list) -> mx.array:
+    """One token per row: greedy rows (and idle ones, sampler None) take the argmax; each other
+    sampler draws for its own rows (a seeded row's sampler is its own, so its draws do not
+    depend on its neighbours)."""
+    groups: dict[int, tuple] = {}
+    for i, sampler in enumerate(samplers):
+        if sampler is not None and sampler is not greedy_sampler:
+            groups.setdefault(id(sampler), (sampler, []))[1].append(i)
+    if len(groups) == 1:
+        sampler, idx = next(iter(groups.values()))
+        if len(idx) == len(samplers):
+            return sampler(logprobs)  # one sampler for the whole batch: one call
+    sampled = mx.argmax(logits, axis=-1)
+    for sampler, idx in groups.values():
+        picks = slice(idx[0], idx[0] + 1) if len(idx) == 1 else mx.array(idx)
+        sampled[picks] = sampler(logprobs[picks]).astype(sampled.dtype)
+    return sampled
+
+
 class Row:
     __slots__ = ("uid", "tokens", "sampler", "processors", "context", "matcher", "max_tokens", "generated",
                  "wants_logprobs", "priming", "live")
@@ -47,7 +77,7 @@ class Row:
         self.max_tokens = max_tokens
         self.generated = 0
         self.wants_logprobs = wants_logprobs
-        self.priming = True  # its first decode input is its prompt's last token (not a sample)
+        self.priming = True  # its first decode input is its prompt's last token (not a first token)
         self.live = True
 
 
@@ -65,6 +95,7 @@ class DecodeGroup:
         self._inputs: Optional[mx.array] = None  # next step's input per slot (the last step's samples)
         self._prompt_last: list[int] = []  # each slot's prompt's last token (its first decode input)
         self._pending = None  # (tokens, logprobs, owners) of the step in flight
+        self._firsts: list[tuple[Row, FirstToken]] = []  # joined with a first token: handed out next
 
     def __len__(self) -> int:
         return len(self._by_uid)
@@ -75,7 +106,7 @@ class DecodeGroup:
     @property
     def active(self) -> bool:
         """Rows decode, or a step is still in flight."""
-        return bool(self._by_uid) or self._pending is not None
+        return bool(self._by_uid) or self._pending is not None or bool(self._firsts)
 
     @property
     def nbytes(self) -> int:
@@ -90,8 +121,10 @@ class DecodeGroup:
         return finished
 
     def end(self, finished) -> list[Response]:
-        """Hand out the previous step's tokens, then compact (or drop the cache if nobody decodes)."""
-        out = self.emit(finished) if finished is not None else []
+        """Hand out the previous step's tokens and the first tokens of rows that joined this step,
+        then compact (or drop the cache if nobody decodes)."""
+        firsts, self._firsts = self._firsts, []
+        out = self.emit(finished, firsts) if finished is not None or firsts else []
         if not self._by_uid and self._pending is None:
             self.reset()  # nobody decodes: give the cache back
         else:
@@ -130,7 +163,10 @@ class DecodeGroup:
         # does not need it, and over the vocabulary it is a full pass of the batch's logits.
         needs = any(r.wants_logprobs or r.sampler is not greedy_sampler for _, r in live)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True) if needs else None
-        sampled = self._sample(logits, logprobs, live)
+        samplers = [None] * len(rows)
+        for i, r in live:
+            samplers[i] = r.sampler
+        sampled = sample(logits, logprobs, samplers)
         self._lengths = [n + 1 for n in self._lengths]  # every slot wrote one column, idle ones too
         for i, r in live:
             if r.priming:  # its input was its prompt's last token: known now, and in its KV state
@@ -143,29 +179,20 @@ class DecodeGroup:
         mx.async_eval(sampled, *(() if logprobs is None else (logprobs,)))
         self._pending = (sampled, logprobs, owners)
 
-    def _sample(self, logits, logprobs, live) -> mx.array:
-        """Greedy rows take the argmax; each other sampler draws for its own rows (a seeded
-        row's sampler is its own, so its draws do not depend on its neighbours)."""
-        groups: dict[int, tuple] = {}
-        for i, r in live:
-            if r.sampler is not greedy_sampler:
-                groups.setdefault(id(r.sampler), (r.sampler, []))[1].append(i)
-        if len(groups) == 1 and len(live) == len(self._slots):
-            sampler, idx = next(iter(groups.values()))
-            if len(idx) == len(self._slots):
-                return sampler(logprobs)  # one sampler for the whole batch: one call
-        sampled = mx.argmax(logits, axis=-1)
-        for sampler, idx in groups.values():
-            picks = slice(idx[0], idx[0] + 1) if len(idx) == 1 else mx.array(idx)
-            sampled[picks] = sampler(logprobs[picks]).astype(sampled.dtype)
-        return sampled
-
-    def emit(self, step) -> list[Response]:
-        """The previous step's tokens, to the rows that were in their slots when it launched."""
-        sampled, logprobs, owners = step
-        tokens = sampled.tolist()  # the one host sync of a step (this step is already queued)
+    def emit(self, step, firsts=()) -> list[Response]:
+        """The previous step's tokens, to the rows that were in their slots when it launched, and
+        the first tokens of the rows that joined with one."""
+        sampled, logprobs, owners = step if step is not None else (None, None, [])
+        arrays = [] if sampled is None else [sampled]
+        if firsts:
+            dtype = mx.uint32 if sampled is None else sampled.dtype
+            arrays += [f.tokens[f.index:f.index + 1].astype(dtype) for _, f in firsts]
+        # The one host sync of a step (this step is already queued; the first tokens came from
+        # the prefill pass queued before it).
+        tokens = (arrays[0] if len(arrays) == 1 else mx.concatenate(arrays)).tolist()
+        rows = list(owners) + [row for row, _ in firsts]
         out = []
-        for slot, (row, token) in enumerate(zip(owners, tokens)):
+        for slot, (row, token) in enumerate(zip(rows, tokens)):
             if row is None or not row.live:
                 continue
             row.generated += 1
@@ -175,7 +202,11 @@ class DecodeGroup:
             if row.matcher.advance(token):
                 finish = "stop"
             row.tokens.append(token)  # it was the input of the step launched just now
-            row_logprobs = logprobs[slot] if logprobs is not None and row.wants_logprobs else None
+            if slot >= len(owners):
+                first = firsts[slot - len(owners)][1]
+                row_logprobs = first.logprobs if row.wants_logprobs else None
+            else:
+                row_logprobs = logprobs[slot] if logprobs is not None and row.wants_logprobs else None
             if finish is None:
                 out.append(Response(row.uid, token, row_logprobs, None, None, None))
                 continue
@@ -224,19 +255,34 @@ class DecodeGroup:
         # A new array, not an update in place: the old one is also the step in flight's result.
         joined = [0] * len(self._slots)
         new = [0] * len(self._slots)
+        firsts = [(slot, token) for slot, token in zip(slots, last) if isinstance(token, FirstToken)]
         for slot, token in zip(slots, last):
-            joined[slot], new[slot] = 1, token
-        if self._inputs is None:
-            self._inputs = mx.array(new, dtype=mx.uint32)
-        else:
-            self._inputs = mx.where(mx.array(joined, dtype=mx.bool_), mx.array(new, dtype=self._inputs.dtype),
-                                    self._inputs)
+            if not isinstance(token, FirstToken):
+                joined[slot], new[slot] = 1, token
+        dtype = mx.uint32 if self._inputs is None else self._inputs.dtype
+        inputs = mx.zeros((len(self._slots),), dtype=dtype) if self._inputs is None else self._inputs
+        if any(joined):
+            inputs = mx.where(mx.array(joined, dtype=mx.bool_), mx.array(new, dtype=dtype), inputs)
+        if firsts:  # still on the device: placed by a scatter, not read back
+            at = mx.array([slot for slot, _ in firsts])
+            values = mx.concatenate([f.tokens[f.index:f.index + 1] for _, f in firsts]).astype(dtype)
+            placed = mx.zeros((len(self._slots),), dtype=dtype).at[at].add(values)
+            mask = [0] * len(self._slots)
+            for slot, _ in firsts:
+                mask[slot] = 1
+            inputs = mx.where(mx.array(mask, dtype=mx.bool_), placed, inputs)
+        self._inputs = inputs
         for k, slot in enumerate(slots):
             row = rows[k]
             self._slots[slot] = row
             self._lengths[slot] = lengths[k]
             self._by_uid[row.uid] = slot
-            self._prompt_last[slot] = last[k]
+            if isinstance(last[k], FirstToken):
+                row.priming = False  # its whole prompt is in its KV state; its input is its first token
+                self._prompt_last[slot] = 0
+                self._firsts.append((row, last[k]))
+            else:
+                self._prompt_last[slot] = last[k]
         self._sync_offsets()
 
     def _new_cache(self, rows: int) -> SlotKVCache:
@@ -322,5 +368,5 @@ class DecodeGroup:
 
     def reset(self) -> None:
         self._cache, self._slots, self._lengths, self._prompt_last = [], [], [], []
-        self._width, self._inputs = 0, None
+        self._width, self._inputs, self._firsts = 0, None, []
 

@@ -317,9 +317,12 @@ class Generator:
         if bucket > 1:
             for n in range(1, self._batch.prefill_batch_size + 1):
                 share = min(self._prefill_chunk, max(16, self._prefill_budget // n))
+                # A prompt of `length` tokens prefills them all when its first token comes from
+                # its last pass; else its last token decodes, so it takes one more.
+                extra = 0 if self._batch.first_token_in_prefill else 1
                 for length in range(bucket, max(bucket, share - share % bucket) + 1, bucket):
                     if length < context - 4:
-                        waves.append(wave(n, length + 1, 1))  # + its last token, which decodes
+                        waves.append(wave(n, length + extra, 1))
         size = 1
         while size <= rows:
             waves.append(wave(size, 16, 3))

@@ -30,19 +30,22 @@ def running_engine(**settings):
 
 def counted_model(model_dir):
     """mlx-lm's load of `model_dir`, whose forward passes record their (rows, positions) in
-    `model.fed`: what a test of the batching core asserts about the passes it ran."""
+    `model.fed`: what a test of the batching core asserts about the passes it ran. Counted at
+    the inner model, which every pass goes through (a prompt's last prefill pass calls it
+    directly, to project only its last position: engine/batcher.py)."""
     from mlx_lm import load
 
     model, _ = load(str(model_dir))
     fed: list[tuple[int, int]] = []
-    forward = type(model).__call__
+    inner = model.model
+    forward = type(inner).__call__
 
-    class Counted(type(model)):
+    class Counted(type(inner)):
         def __call__(self, inputs, *args, **kwargs):
             fed.append(tuple(inputs.shape))
             return forward(self, inputs, *args, **kwargs)
 
-    model.__class__ = Counted
+    inner.__class__ = Counted
     model.fed = fed
     return model
 

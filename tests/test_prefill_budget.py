@@ -133,7 +133,7 @@ def test_one_prompt_never_advances_more_than_its_chunk_while_short_ones_share_th
     gen.insert_many([request(f"s{i}", [3 + i] * 30, 2) for i in range(8)])
     model.fed.clear()
     gen.step()
-    assert sum(r * n for r, n in model.fed if n > 1) == 8 * 29  # eight short prompts in one step
+    assert sum(r * n for r, n in model.fed if n > 1) == 8 * 30  # eight whole short prompts in one step
 
 
 def test_with_no_row_decoding_each_prompt_of_a_burst_advances_a_whole_chunk(model):
@@ -141,11 +141,11 @@ def test_with_no_row_decoding_each_prompt_of_a_burst_advances_a_whole_chunk(mode
     chunk each (here: in one pass) instead of splitting the budget; once rows decode, the budget
     is split again. Output equals each prompt alone."""
     gen = Generator(model, [0], max_batch=16, prefill_batch_size=8, prefill_step_size=BUDGET, prefill_chunk=48)
-    burst = [request(f"b{j}", [j + 3] + LONG[:40], 3) for j in range(6)]  # 40 tokens to prefill each
+    burst = [request(f"b{j}", [j + 3] + LONG[:40], 3) for j in range(6)]  # 41 tokens to prefill each
     model.fed.clear()
     uids = [uid for uid, _ in gen.insert_many(burst)]
     gen.step()
-    assert [shape for shape in model.fed if shape[1] > 1] == [(6, 40)]  # one pass, over the budget of 64
+    assert [shape for shape in model.fed if shape[1] > 1] == [(6, 41)]  # one pass, over the budget of 64
     out = drain(gen, set(uids))
     for uid, r in zip(uids, burst):
         alone = generator(model)

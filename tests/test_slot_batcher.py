@@ -280,3 +280,47 @@ def test_the_prompt_batch_filters_without_reading_back_and_as_mlx_lm_does(model)
         for a, b in zip(ours.extract_cache(row), theirs.extract_cache(row)):
             assert a.offset == b.offset and mx.array_equal(a.keys, b.keys).item()
             assert mx.array_equal(a.values, b.values).item()
+
+
+def test_a_prompts_first_token_comes_from_its_last_prefill_pass(model, monkeypatch):
+    """Where the model's forward pass is inner model then projection, a prompt is prefilled
+    whole and its first token sampled from its last pass, so it is handed out one step sooner
+    than when the prompt's last token waits for a decode step (mlx-lm's way, kept for other
+    architectures). Tokens, seeded draws, logprobs and penalties are the same either way."""
+    from engine import batcher
+
+    def first_steps_and_output(plain_head: bool, params: SamplingParams, **kw):
+        if not plain_head:
+            monkeypatch.setattr(batcher, "output_head", lambda m: None)
+        gen = generator(model, "slots")
+        monkeypatch.undo()
+        assert gen._batch.first_token_in_prefill is plain_head
+        for i in range(3):
+            gen.insert(AddRequest(f"d{i}", [9 + i, 6, 7], 30, GREEDY, ignore_eos=True))
+        for _ in range(3):
+            gen.step()
+        uid, _ = gen.insert(AddRequest("new", [4, 8, 15, 16, 23, 42], 8, params, ignore_eos=True, **kw))
+        first, out = None, []
+        for step in range(40):
+            for t in gen.step():
+                if t.uid == uid:
+                    first = step if first is None else first
+                    out.append((t.token, None if t.logprob is None else round(t.logprob.logprob, 4)))
+        return first, out
+
+    for params, kw in ((GREEDY, {}), (SamplingParams(temperature=0.8, seed=7, repetition_penalty=1.3), {}),
+                       (GREEDY, {"logprobs": 2})):
+        sooner, tokens = first_steps_and_output(True, params, **kw)
+        later, reference = first_steps_and_output(False, params, **kw)
+        assert (sooner, later) == (1, 2)  # prefill pass, then handed out with the next step
+        assert tokens == reference and len(tokens) == 8
+
+
+def test_a_first_token_that_ends_the_row_frees_its_slot(model):
+    """max_tokens 1: the row ends with the token its prefill pass sampled."""
+    gen = generator(model, "slots")
+    uid, _ = gen.insert(AddRequest("one", [5, 6, 7, 8], 1, GREEDY, ignore_eos=True))
+    got = [t for _ in range(4) for t in gen.step()]
+    assert [(t.uid, t.finish_reason) for t in got] == [(uid, "length")]
+    assert got[0].token == play(generator(model, "mlx-lm"), {0: [("one", [5, 6, 7, 8], 1)]})["one"][0]
+    assert not gen.busy

@@ -319,11 +319,19 @@ class SlotBatcher:
     # ---- one step -----------------------------------------------------------
     def next(self):
         """One call: launch a decode step for every slot (joining rows included), hand out the
-        previous step's tokens, then prefill one chunk. Returns ([], responses) like mlx-lm."""
+        previous step's tokens, then prefill one chunk. Returns ([], responses) like mlx-lm.
+
+        When no row was decoding, rows whose first token this step's prefill pass sampled join
+        at once and their first tokens are read back now: the read-back then waits for nothing
+        but that pass, so a request on an idle engine gets its first token at the end of its
+        last prefill step, not one decode step later."""
         with mx.stream(self._stream):
             self._take_queued()
+            idle = not self.decoding
             responses = self._decode()
             self._prefill()
+            if idle and any(isinstance(t, FirstToken) for _, last in self._joining for t in last):
+                responses += self._decode()
         return [], responses
 
     def _decode(self) -> list[Response]:

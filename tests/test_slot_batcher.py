@@ -326,3 +326,13 @@ def test_a_first_token_that_ends_the_row_frees_its_slot(model):
     assert [(t.uid, t.finish_reason) for t in got] == [(uid, "length")]
     assert got[0].token == play(generator(model, "mlx-lm"), {0: [("one", [5, 6, 7, 8], 1)]})["one"][0]
     assert not gen.busy
+
+
+def test_on_an_idle_engine_a_first_token_comes_back_in_its_prefill_step(model):
+    """Nobody decodes, so nobody waits on a read-back: the first token is read at the end of the
+    prompt's last prefill step. Beside decoding rows it comes with the next step instead."""
+    gen = generator(model, "slots")
+    uid, _ = gen.insert(AddRequest("alone", [5, 6, 7, 8, 9], 3, GREEDY, ignore_eos=True))
+    steps = [[t.token for t in gen.step() if t.uid == uid] for _ in range(4)]
+    assert [len(s) for s in steps] == [1, 1, 1, 0]
+    assert sum(steps, []) == play(generator(model, "mlx-lm"), {0: [("alone", [5, 6, 7, 8, 9], 3)]})["alone"]

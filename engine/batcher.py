@@ -192,8 +192,7 @@ class SlotBatcher:
     """insert / next / remove / extract_cache, as mlx-lm's BatchGenerator, over decode slots."""
 
     def __init__(self, model, *, stop_tokens, completion_batch_size: int, prefill_batch_size: int,
-                 prefill_step_size: int, stream=None, prefill_bucket: int = 1, fused_attention: bool = False,
-                 prefill_first: Optional[bool] = None):
+                 prefill_step_size: int, stream=None, prefill_bucket: int = 1, fused_attention: bool = False):
         self.model = model
         self.fused_attention = fused_attention  # decode groups skip the padding mask (engine/slot_attention.py)
         self.prefill_bucket = prefill_bucket  # prefill passes pad to multiples of it (GPU: see _PromptBatch)
@@ -201,13 +200,6 @@ class SlotBatcher:
         self.prefill_batch_size = prefill_batch_size
         self.prefill_step_size = prefill_step_size
         self._stream = stream or mx.new_stream(mx.default_device())
-        # The step's order (None: by device). Prefill first (the CPU): the rows a pass completes
-        # join that same step's decode and their first tokens are read back in it; the read-back
-        # then also waits for the pass, which costs nothing where each step's compute dwarfs
-        # building the next step's graph. Decode first (a GPU): the host builds the next step
-        # while both the decode step and the prefill pass run, which short GPU steps need; a
-        # first token then comes with the next step, or at once on an idle engine (`next`).
-        self.prefill_first = self._stream.device.type == mx.cpu if prefill_first is None else prefill_first
         self._default_stops = StopSequences(stop_tokens or None)
         self._uids = 0
         self._counters = _Counters()
@@ -326,20 +318,15 @@ class SlotBatcher:
 
     # ---- one step -----------------------------------------------------------
     def next(self):
-        """One call: prefill one chunk of each prompt and launch a decode step for every slot
-        (joining rows included), handing out the previous step's tokens and the first tokens
-        of the rows that joined; in the order `prefill_first` says. Returns ([], responses)
-        like mlx-lm.
+        """One call: launch a decode step for every slot (joining rows included), hand out the
+        previous step's tokens, then prefill one chunk. Returns ([], responses) like mlx-lm.
 
-        Decode first, when no row was decoding, the rows whose first token this step's pass
-        sampled join at once and their first tokens are read back now: that read-back waits
-        for nothing but the pass, so a request on an idle engine gets its first token at the
-        end of its last prefill step, not one decode step later."""
+        When no row was decoding, rows whose first token this step's prefill pass sampled join
+        at once and their first tokens are read back now: the read-back then waits for nothing
+        but that pass, so a request on an idle engine gets its first token at the end of its
+        last prefill step, not one decode step later."""
         with mx.stream(self._stream):
             self._take_queued()
-            if self.prefill_first:
-                self._prefill()
-                return [], self._decode()
             idle = not self.decoding
             responses = self._decode()
             self._prefill()

@@ -21,13 +21,9 @@ def model(tiny_model_dir):
     return counted_model(tiny_model_dir)
 
 
-def generator(model, kind: str, prefill_first=None, **kw) -> Generator:
-    """`prefill_first`: the slot batcher's step order (None: this device's; the CPU's is True)."""
+def generator(model, kind: str, **kw) -> Generator:
     options = dict(max_batch=8, prefill_batch_size=4, prefill_step_size=32, decode_batch=kind)
-    gen = Generator(model, [0], **{**options, **kw})
-    if prefill_first is not None:
-        gen._batch.prefill_first = prefill_first
-    return gen
+    return Generator(model, [0], **{**options, **kw})
 
 
 def arrivals(seed: int, n: int = 14) -> dict[int, list]:
@@ -55,16 +51,15 @@ def play(gen: Generator, schedule: dict[int, list], params=GREEDY, **request_kw)
     raise AssertionError("the batch never drained")
 
 
-@pytest.mark.parametrize("prefill_first", [True, False])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_staggered_arrivals_match_mlx_lm_and_one_at_a_time(model, seed, prefill_first):
+def test_staggered_arrivals_match_mlx_lm_and_one_at_a_time(model, seed):
     schedule = arrivals(seed)
-    slots = play(generator(model, "slots", prefill_first), schedule)
+    slots = play(generator(model, "slots"), schedule)
     reference = play(generator(model, "mlx-lm"), schedule)
     assert slots == reference
     for rid, prompt, max_tokens in [r for rs in schedule.values() for r in rs]:
         assert len(slots[rid]) == max_tokens
-        assert play(generator(model, "slots", prefill_first), {0: [(rid, prompt, max_tokens)]})[rid] == slots[rid]
+        assert play(generator(model, "slots"), {0: [(rid, prompt, max_tokens)]})[rid] == slots[rid]
 
 
 def test_the_slot_batcher_is_used_for_plain_kv_caches(model):
@@ -287,20 +282,17 @@ def test_the_prompt_batch_filters_without_reading_back_and_as_mlx_lm_does(model)
             assert mx.array_equal(a.values, b.values).item()
 
 
-@pytest.mark.parametrize("prefill_first, steps", [(True, (0, 1)), (False, (1, 2))])
-def test_a_prompts_first_token_comes_from_its_last_prefill_pass(model, monkeypatch, prefill_first, steps):
+def test_a_prompts_first_token_comes_from_its_last_prefill_pass(model, monkeypatch):
     """Where the model's forward pass is inner model then projection, a prompt is prefilled
     whole and its first token sampled from its last pass, so it is handed out one step sooner
     than when the prompt's last token waits for a decode step (mlx-lm's way, kept for other
-    architectures). Prefill first (the CPU's order), beside decoding rows, that is in the
-    prompt's own step; decode first (a GPU's), with the next step. Tokens, seeded draws,
-    logprobs and penalties are the same either way."""
+    architectures). Tokens, seeded draws, logprobs and penalties are the same either way."""
     from engine import batcher
 
     def first_steps_and_output(plain_head: bool, params: SamplingParams, **kw):
         if not plain_head:
             monkeypatch.setattr(batcher, "output_head", lambda m: None)
-        gen = generator(model, "slots", prefill_first)
+        gen = generator(model, "slots")
         monkeypatch.undo()
         assert gen._batch.first_token_in_prefill is plain_head
         for i in range(3):
@@ -320,7 +312,7 @@ def test_a_prompts_first_token_comes_from_its_last_prefill_pass(model, monkeypat
                        (GREEDY, {"logprobs": 2})):
         sooner, tokens = first_steps_and_output(True, params, **kw)
         later, reference = first_steps_and_output(False, params, **kw)
-        assert (sooner, later) == steps
+        assert (sooner, later) == (1, 2)  # prefill pass, then handed out with the next step
         assert [t for t, _ in tokens] == [t for t, _ in reference] and len(tokens) == 8
         for (_, mine), (_, theirs) in zip(tokens, reference):  # a prefill pass's kernels, not a decode step's
             assert (mine is None and theirs is None) or abs(mine - theirs) < 1e-3
@@ -336,11 +328,10 @@ def test_a_first_token_that_ends_the_row_frees_its_slot(model):
     assert not gen.busy
 
 
-@pytest.mark.parametrize("prefill_first", [True, False])
-def test_on_an_idle_engine_a_first_token_comes_back_in_its_prefill_step(model, prefill_first):
+def test_on_an_idle_engine_a_first_token_comes_back_in_its_prefill_step(model):
     """Nobody decodes, so nobody waits on a read-back: the first token is read at the end of the
-    prompt's last prefill step, in either step order."""
-    gen = generator(model, "slots", prefill_first)
+    prompt's last prefill step. Beside decoding rows it comes with the next step instead."""
+    gen = generator(model, "slots")
     uid, _ = gen.insert(AddRequest("alone", [5, 6, 7, 8, 9], 3, GREEDY, ignore_eos=True))
     steps = [[t.token for t in gen.step() if t.uid == uid] for _ in range(4)]
     assert [len(s) for s in steps] == [1, 1, 1, 0]

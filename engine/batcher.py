@@ -86,6 +86,11 @@ def width_class(tokens: int) -> int:
     return n
 
 
+def narrower_class_floors(tokens: int) -> list[int]:
+    """The first row length of each class from 1 up to, not including, the class of `tokens`."""
+    return [_SHORT_ROWS * 4 ** (c - 1) for c in range(1, width_class(tokens))]
+
+
 class _PromptBatch(PromptProcessingBatch):
     """mlx-lm's prompt batch, with its pass and its filter made for a server's engine loop.
 

@@ -297,7 +297,8 @@ class Generator:
     def warm_up(self, prompt_tokens: int, rows: int, context: int) -> int:
         """Run the shapes this server will use once, before it says ready: one synthetic prompt
         of `prompt_tokens` (prefilled in the configured chunks: a long prompt's attention
-        sizes); with bucketed prefill (GPU), every prompt-batch size with every bucketed chunk
+        sizes), and one at the first length of each narrower decode width class; with
+        bucketed prefill (GPU), every prompt-batch size with every bucketed chunk
         length it can take; then decode steps at batch sizes 1, 2, 4... up to `rows`. Nothing
         it leaves stays: the prefix cache is emptied. Returns the steps it took."""
         vocab = max(self._vocab_size or 512, 8)
@@ -312,7 +313,15 @@ class Generator:
                 requests.append(AddRequest(f"warm-up-{k}", prompt, max_tokens, greedy, ignore_eos=True))
             return requests
 
-        waves = [wave(1, max(2, min(prompt_tokens, context - 4)), 2)]
+        long = max(2, min(prompt_tokens, context - 4))
+        waves = [wave(1, long, 2)]
+        if self.slots:
+            # A row decodes in the group of its width class (engine/batcher.py), and the long
+            # prompt fills only its own: each narrower class a long request can land in gets a
+            # row too (8192 tokens land in class 2; a 6k-token request in class 1).
+            from engine.batcher import narrower_class_floors
+
+            waves += [wave(1, floor, 2) for floor in narrower_class_floors(long + 1)]
         bucket = self._prefill_bucket if self.slots else 1
         if bucket > 1:
             for n in range(1, self._batch.prefill_batch_size + 1):

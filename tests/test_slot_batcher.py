@@ -336,3 +336,23 @@ def test_on_an_idle_engine_a_first_token_comes_back_in_its_prefill_step(model):
     steps = [[t.token for t in gen.step() if t.uid == uid] for _ in range(4)]
     assert [len(s) for s in steps] == [1, 1, 1, 0]
     assert sum(steps, []) == play(generator(model, "mlx-lm"), {0: [("alone", [5, 6, 7, 8, 9], 3)]})["alone"]
+
+
+def test_warm_up_decodes_in_every_width_class_a_long_request_can_land_in(model, monkeypatch):
+    """Its long prompt fills one width class; each narrower class gets a row of its own, so a
+    long request shorter than the warm-up's does not decode in a group nothing has run yet."""
+    from engine import batcher
+
+    monkeypatch.setattr(batcher, "_SHORT_ROWS", 32)  # classes: under 32, 32-127, 128-511
+    gen = generator(model, "slots")
+    seen: set[int] = set()
+    join = gen._batch._join_prefilled
+
+    def spy():
+        join()
+        seen.update(width for width, group in gen._batch._groups.items() if len(group))
+
+    gen._batch._join_prefilled = spy
+    assert batcher.narrower_class_floors(301) == [32]
+    gen.warm_up(300, 4, context=1024)
+    assert seen == {0, 1, 2} and not gen.busy

@@ -2,7 +2,8 @@
 of one batch KV cache (a `BatchKVCache` per layer whose batch index is the slot).
 
 Joining rows are written into free slots and ride the next decode step with everyone else
-(their prompt's last token is their input there); a leaving row just frees its slot; the
+(their input there is the first token sampled in their prompt's last prefill pass, handed out
+with that step, or their prompt's last token); a leaving row just frees its slot; the
 cache is compacted only when more than half of it is idle or the shared left padding has
 grown by a KV block. Each row's length is kept on the host, so no decision reads anything
 back from the device: the one host sync per step reads the previous step's tokens, while

@@ -324,11 +324,11 @@ class Generator:
             waves += [wave(1, floor, 2) for floor in narrower_class_floors(long + 1)]
         bucket = self._prefill_bucket if self.slots else 1
         if bucket > 1:
+            # A prompt of `length` tokens prefills them all when its first token comes from its
+            # last pass; else its last token decodes, so it takes one more.
+            extra = 0 if self._batch.first_token_in_prefill else 1
             for n in range(1, self._batch.prefill_batch_size + 1):
                 share = min(self._prefill_chunk, max(16, self._prefill_budget // n))
-                # A prompt of `length` tokens prefills them all when its first token comes from
-                # its last pass; else its last token decodes, so it takes one more.
-                extra = 0 if self._batch.first_token_in_prefill else 1
                 for length in range(bucket, max(bucket, share - share % bucket) + 1, bucket):
                     if length < context - 4:
                         waves.append(wave(n, length + extra, 1))

@@ -9,7 +9,11 @@
    cache hit beyond the chat template), then SIGTERM while streams run: its exit code.
 
     python -m bench.server_vs_engine --tokenizer DIR [--settings DECODE_BATCH=slots,DECODE_BATCH=mlx-lm]
-        [--levels 1,8,64,128] [--out $OUT]
+        [--levels 1,8,64,128] [--interleave] [--out $OUT]
+
+With --interleave, each server level also sits between two raw readings of that level taken
+seconds before and after it (the server idles meanwhile), so its ratio does not depend on how
+far the machine drifted between the run's first and last minutes.
 """
 from __future__ import annotations
 
@@ -145,10 +149,17 @@ def run_server(setting: str, shape_dir: Path, args, out: Path) -> dict:
             for phase, seed in (("warm", 10 * level), ("measured", 10 * level + 1)):
                 prompts = scratch / f"{tag}-{level}-{phase}.json"
                 prompts.write_text(json.dumps(distinct_prompts(n, seed + hash(tag) % 1000)))
+                raw_before = raw_rows(args.shape, shape_dir, [level], args.max_tokens) \
+                    if args.interleave and phase == "measured" else None
                 before, before_metrics = status_of(base), metric_sums(base)
                 json_out = scratch / f"{tag}-c{level}-{phase}.json"  # the summary keeps what matters
                 row = bench_level(base, level, prompts, json_out, args.max_tokens, n, args.streams_per_process)
                 after = status_of(base)
+                if raw_before is not None:  # raw read right before and right after this level (the server idles)
+                    raw_after = raw_rows(args.shape, shape_dir, [level], args.max_tokens)
+                    row["raw_tok_s"] = [raw_before["tok_s"][level], raw_after["tok_s"][level]]
+                    row["raw_step_ms_batch1"] = [raw_before["step_ms_batch1"], raw_after["step_ms_batch1"]]
+                    row["over_raw"] = [round(row["tok_per_s"] / r, 3) for r in row["raw_tok_s"]]
                 row["first_pass"] = phase == "warm"
                 if phase == "warm":
                     first = row
@@ -196,6 +207,8 @@ def main() -> int:
     parser.add_argument("--streams-per-process", type=int, default=0,
                         help="client processes per level: one per this many streams (0: one process)")
     parser.add_argument("--no-raw", action="store_true")
+    parser.add_argument("--interleave", action="store_true",
+                        help="also read raw right before and after each server level (the machine drifts within minutes)")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench-results")))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)

@@ -295,12 +295,12 @@ class Generator:
             self.prefix_cache.store(tokens[:length], layers, sum(c.nbytes for c in layers), scope)
 
     def warm_up(self, prompt_tokens: int, rows: int, context: int) -> int:
-        """Run the shapes this server will use once, before it says ready: one synthetic prompt
-        of `prompt_tokens` (prefilled in the configured chunks: a long prompt's attention
-        sizes), and one at the first length of each narrower decode width class; with
-        bucketed prefill (GPU), every prompt-batch size with every bucketed chunk
-        length it can take; then decode steps at batch sizes 1, 2, 4... up to `rows`. Nothing
-        it leaves stays: the prefix cache is emptied. Returns the steps it took."""
+        """Run the shapes this server will use once, before it says ready: with bucketed prefill
+        (GPU), every prompt-batch size with every bucketed chunk length it can take; decode
+        steps at batch sizes 1, 2, 4... up to `rows`; one prompt at the first length of each
+        narrower decode width class; last, one synthetic prompt of `prompt_tokens` (prefilled in
+        the configured chunks: a long prompt's attention sizes). Nothing it leaves stays: the
+        prefix cache is emptied. Returns the steps it took."""
         vocab = max(self._vocab_size or 512, 8)
         greedy = SamplingParams(temperature=0.0)
         serial = itertools.count()  # every synthetic prompt distinct: nothing is shared or cached
@@ -314,14 +314,7 @@ class Generator:
             return requests
 
         long = max(2, min(prompt_tokens, context - 4))
-        waves = [wave(1, long, 2)]
-        if self.slots:
-            # A row decodes in the group of its width class (engine/batcher.py), and the long
-            # prompt fills only its own: each narrower class a long request can land in gets a
-            # row too (8192 tokens land in class 2; a 6k-token request in class 1).
-            from engine.batcher import narrower_class_floors
-
-            waves += [wave(1, floor, 2) for floor in narrower_class_floors(long + 1)]
+        waves = []
         bucket = self._prefill_bucket if self.slots else 1
         if bucket > 1:
             # A prompt of `length` tokens prefills them all when its first token comes from its
@@ -336,6 +329,20 @@ class Generator:
         while size <= rows:
             waves.append(wave(size, 16, 3))
             size *= 2
+        if self.slots:
+            # A row decodes in the group of its width class (engine/batcher.py), and the long
+            # prompt fills only its own: each narrower class a long request can land in gets a
+            # row too (8192 tokens land in class 2; a 6k-token request in class 1).
+            from engine.batcher import narrower_class_floors
+
+            waves += [wave(1, floor, 2) for floor in narrower_class_floors(long + 1)]
+        # The long prompt last. Run first, every fresh H100 server's first long request still
+        # paid 30-50 ms in its second prefill step and 15-25 ms in its last (stop 21's trace),
+        # whether the buffer cache was emptied or not and even with the whole warm-up run twice;
+        # run last, those steps cost what a later request's do. Whatever that step rebuilt, the
+        # many shapes warmed after the long prompt had pushed it out (MLX's caches of built
+        # kernels are bounded).
+        waves.append(wave(1, long, 2))
         steps = 0
         for requests in waves:
             self.insert_many(requests)

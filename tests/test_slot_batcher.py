@@ -164,6 +164,10 @@ def test_warm_up_runs_a_long_prompt_and_every_batch_size_then_leaves_nothing_beh
     assert steps > 0 and not gen.busy
     assert {1, 2, 4, 8} <= {rows for rows, positions in model.fed if positions == 1}
     assert sum(rows * positions for rows, positions in model.fed if rows == 1 and positions > 1) >= 99
+    # the long prompt runs last: nothing warmed after it pushes its kernels out
+    prefill = [(rows, positions) for rows, positions in model.fed if positions > 1]
+    tail = len(prefill) - next(i for i, (rows, _) in enumerate(reversed(prefill)) if rows != 1)
+    assert sum(positions for _, positions in prefill[tail:]) >= 99
     assert len(gen.prefix_cache) == 0 and gen.prefix_cache.stats.hits == 0 and gen.prefix_cache.stats.stored == 0
     schedule = arrivals(5, n=6)
     assert play(gen, schedule) == play(generator(model, "slots"), schedule)

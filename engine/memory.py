@@ -14,6 +14,7 @@ log = logging.getLogger("orchard.engine")
 
 METAL_SHARE = 0.75  # of the recommended working set left after the weights
 CPU_SHARE = 0.5  # of the memory available when the model has loaded
+CACHE_CAP = 2 << 30  # the most MLX's buffer cache keeps: while serving, and during the warm-up
 
 
 def kv_bytes_per_token(config: dict, activation_bytes: int) -> int:
@@ -46,7 +47,7 @@ def apply_mlx_limits(weight_bytes: int, kv_budget: int) -> Optional[int]:
 
     limit = int((weight_bytes + kv_budget) * 1.25) + (512 << 20)
     mx.set_memory_limit(limit)
-    cache_limit = min(limit // 4, 2 << 30)
+    cache_limit = min(limit // 4, CACHE_CAP)
     empty_cache_under(cache_limit)
     log.info("memory budget %.1f MiB (weights %.1f MiB + KV); MLX memory limit %.1f MiB",
              (weight_bytes + kv_budget) / 2**20, weight_bytes / 2**20, limit / 2**20)

@@ -360,3 +360,31 @@ def test_warm_up_decodes_in_every_width_class_a_long_request_can_land_in(model, 
     assert batcher.narrower_class_floors(301) == [32]
     gen.warm_up(300, 4, context=1024)
     assert seen == {0, 1, 2} and not gen.busy
+
+
+def test_the_warm_up_keeps_mlx_buffer_cache_capped_and_restores_the_limit(model, monkeypatch):
+    """Each warmed shape frees buffers of its own sizes: uncapped, the cache grew to ~70 GB on an
+    H100 before the host set its limits. On the CPU (and a Mac's unified memory) that is the
+    machine's own memory, so the warm-up caps it there."""
+    import engine.generator
+
+    cap = 1 << 20
+    monkeypatch.setattr(engine.generator, "CACHE_CAP", cap)
+    before = mx.set_cache_limit(1 << 40)
+    try:
+        gen = generator(model, "slots")
+        seen = []
+        step = gen.step
+
+        def spy():
+            out = step()
+            seen.append(mx.get_cache_memory())
+            return out
+
+        gen.step = spy
+        gen.warm_up(200, 8, context=1024)
+        assert seen and max(seen) <= cap
+        assert mx.set_cache_limit(1 << 40) == 1 << 40  # the limit it found is back
+    finally:
+        mx.set_cache_limit(before)
+        mx.clear_cache()

@@ -254,7 +254,7 @@ def test_the_prompt_batch_filters_without_reading_back_and_as_mlx_lm_does(model)
     from mlx_lm.models.cache import make_prompt_cache
     from mlx_lm.sample_utils import greedy_sampler
 
-    from engine.batcher import _PromptBatch
+    from engine.prompt_batch import PromptBatch
 
     prompts = [[7] * 5, list(range(3, 43)), list(range(50, 67)), [9, 8, 7]]
     prefix = list(range(100, 112))
@@ -267,7 +267,7 @@ def test_the_prompt_batch_filters_without_reading_back_and_as_mlx_lm_does(model)
                     samplers=[greedy_sampler] * 4, fallback_sampler=greedy_sampler, logits_processors=[()] * 4,
                     stop_sequences=[None] * 4, max_tokens=[4] * 4)
 
-    ours, theirs = batch(_PromptBatch), batch(PromptProcessingBatch)
+    ours, theirs = batch(PromptBatch), batch(PromptProcessingBatch)
     for chunk in (slice(0, 16), slice(16, 32)):
         part = [p[chunk] or p[-1:] for p in prompts]  # every row advances (short ones repeat a token)
         ours.prompt(part)

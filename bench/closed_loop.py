@@ -157,24 +157,11 @@ def main() -> int:
 
     import mlx.core as mx
 
-    from config import load_settings
-    from engine.factory import PREFILL_BUCKET_GPU
-    from engine.generator import Generator
-    from engine.loader import _load_dummy
-    from engine.random_model import write_random_model
+    from bench.served_engine import served_generator
 
-    settings = load_settings(dotenv=False)
+    generator, model, _, config, settings = served_generator(args.shape, args.dtype, args.tokenizer)
     cpu = mx.default_device().type == mx.cpu
-    folder = write_random_model(Path(f"/tmp/orchard-{args.shape}-{args.dtype}"), args.shape, weights=False,
-                                dtype=args.dtype, tokenizer_from=args.tokenizer)
-    model, _, config = _load_dummy(folder)
     vocab = config["vocab_size"]
-    generator = Generator(model, [], max_batch=settings.max_concurrent_requests,
-                          prefill_batch_size=settings.prefill_batch_size,
-                          prefill_step_size=settings.prefill_tokens(cpu), prefill_chunk=settings.prefill_chunk(cpu),
-                          prefill_bucket=1 if cpu else PREFILL_BUCKET_GPU, prefix_cache_bytes=1 << 30,
-                          decode_batch=settings.decode_batch, decode_attention=settings.decode_attention,
-                          cpu_math=settings.cpu_math)
     generator.warm_up(settings.warmup(cpu), settings.max_concurrent_requests,
                       config.get("max_position_embeddings", 32768))
     n = args.streams * args.waves

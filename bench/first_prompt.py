@@ -29,25 +29,12 @@ def main() -> int:
     import mlx.core as mx
 
     from bench.server_vs_engine import distinct_prompts
-    from config import load_settings
-    from engine.factory import PREFILL_BUCKET_GPU
-    from engine.generator import Generator
-    from engine.loader import _load_dummy
+    from bench.served_engine import served_generator
     from engine.messages import AddRequest
-    from engine.random_model import write_random_model
     from engine.sampling import SamplingParams
 
-    settings = load_settings(dotenv=False)
+    generator, model, tokenizer, config, settings = served_generator(args.shape, "bfloat16", args.tokenizer)
     cpu = mx.default_device().type == mx.cpu
-    folder = write_random_model(Path(f"/tmp/orchard-{args.shape}"), args.shape, weights=False,
-                                dtype="bfloat16", tokenizer_from=args.tokenizer)
-    model, tokenizer, config = _load_dummy(folder)
-    generator = Generator(model, [], max_batch=settings.max_concurrent_requests,
-                          prefill_batch_size=settings.prefill_batch_size,
-                          prefill_step_size=settings.prefill_tokens(cpu), prefill_chunk=settings.prefill_chunk(cpu),
-                          prefill_bucket=1 if cpu else PREFILL_BUCKET_GPU, prefix_cache_bytes=1 << 30,
-                          decode_batch=settings.decode_batch, decode_attention=settings.decode_attention,
-                          cpu_math=settings.cpu_math)
     started = time.perf_counter()
     warm_steps = generator.warm_up(settings.warmup(cpu), settings.max_concurrent_requests,
                                    config.get("max_position_embeddings", 32768))

@@ -49,6 +49,7 @@ def raw_rows(shape: str, model_dir: Path, levels: list[int], gen: int) -> dict:
     import mlx.core as mx
     from mlx_lm.generate import BatchGenerator
 
+    from bench.closed_loop import raw_wave
     from engine.loader import _load_dummy
 
     model, _, config = _load_dummy(model_dir)
@@ -56,20 +57,7 @@ def raw_rows(shape: str, model_dir: Path, levels: list[int], gen: int) -> dict:
 
     def once(batch: int, seed: int) -> float:
         rnd = random.Random(seed)
-        generator = BatchGenerator(model, max_tokens=gen, completion_batch_size=batch,
-                                   prefill_batch_size=min(batch, 16))
-        prompts = [[rnd.randrange(10, vocab) for _ in range(128)] for _ in range(batch)]
-        start = time.perf_counter()
-        generator.insert(prompts)
-        tokens = finished = 0
-        while finished < batch:
-            for r in generator.next_generated():
-                tokens += 1
-                finished += r.finish_reason is not None
-        mx.synchronize()
-        elapsed = time.perf_counter() - start
-        generator.close()
-        return tokens / elapsed
+        return raw_wave(model, batch, gen, [[rnd.randrange(10, vocab) for _ in range(128)] for _ in range(batch)])
 
     rows = {}
     for batch in levels:

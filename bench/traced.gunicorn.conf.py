@@ -8,7 +8,7 @@ _sys.path.insert(0, _root)
 with open(_os.path.join(_root, "gunicorn.conf.py")) as _f:
     exec(compile(_f.read(), "gunicorn.conf.py", "exec"))
 
-_real_post_worker_init, _real_worker_exit = post_worker_init, worker_exit  # noqa: F821 (from the exec)
+_real_post_worker_init, _real_worker_exit = globals()["post_worker_init"], globals()["worker_exit"]  # from the exec
 
 
 def post_worker_init(worker):

@@ -14,11 +14,11 @@ of its joins and leaves costs more than a decode step's worth of work:
 Here a row owns a slot until it ends (engine/decode_slots.py): joining rows are written into
 free slots and ride the next decode step with everyone else (their input there is the first
 token their prompt's last prefill pass sampled, or, for architectures `output_head` does not
-know, their prompt's last token), a leaving row just frees its slot, and the cache is compacted only when
-more than half of it is idle or the shared left padding has grown by a KV block. Each row's
-length is tracked on the host, so no decision reads anything back from the device: the only
-host sync per step is reading the previous step's tokens (the step itself is pipelined one
-ahead).
+know, their prompt's last token), a leaving row just frees its slot, and the cache is
+compacted only when more than half of it is idle or the shared left padding has grown by a
+KV block. Each row's length is tracked on the host, so no decision reads anything back from
+the device: the only host sync per step is reading the previous step's tokens (the step
+itself is pipelined one ahead).
 
 Rows of very different lengths do not share a cache: every slot of a batch cache spans the
 longest row's columns, so a 4k-token row joining eight 100-token rows made all nine attend

@@ -1,5 +1,6 @@
-"""A prompt batch made for a server's engine loop, and the model's output head its last pass
-samples first tokens through (engine/batcher.py is the batching core that uses them).
+"""A prompt batch made for a server's engine loop, and the model's output head, through which a
+prompt's last prefill pass samples its first token (engine/batcher.py, the batching core, uses
+both).
 
 Split off the batching core so that each module keeps one job: this one is everything about a
 prefill pass (bucketed lengths, right padding, queued evaluation, the host-side filter, and the
@@ -43,7 +44,6 @@ def output_head(model) -> Optional[OutputHead]:
     if not hasattr(args, "tie_word_embeddings") or not (args.tie_word_embeddings or hasattr(model, "lm_head")):
         return None
     return OutputHead(model)
-
 
 
 class PromptBatch(PromptProcessingBatch):

@@ -163,7 +163,8 @@ def main() -> int:
     cpu = mx.default_device().type == mx.cpu
     vocab = config["vocab_size"]
     generator.warm_up(settings.warmup(cpu), settings.max_concurrent_requests,
-                      config.get("max_position_embeddings", 32768))
+                      config.get("max_position_embeddings", 32768),
+                      prompt_batches=settings.warmup_shapes == "all")
     n = args.streams * args.waves
     deadline = time.perf_counter() + args.warm_seconds
     while time.perf_counter() < deadline:

@@ -37,7 +37,8 @@ def main() -> int:
     cpu = mx.default_device().type == mx.cpu
     started = time.perf_counter()
     warm_steps = generator.warm_up(settings.warmup(cpu), settings.max_concurrent_requests,
-                                   config.get("max_position_embeddings", 32768))
+                                   config.get("max_position_embeddings", 32768),
+                                   prompt_batches=settings.warmup_shapes == "all")
     result = {"shape": args.shape, "warm_up_s": round(time.perf_counter() - started, 2), "warm_up_steps": warm_steps,
               "prompts": []}
     for k in range(args.prompts):

@@ -56,6 +56,7 @@ class Settings:
     prefill_chunk_size: str = _spec("PREFILL_CHUNK_SIZE", "the most prompt tokens one prompt advances per engine step (a long prompt's share of PREFILL_STEP_SIZE; smaller keeps the other streams smooth while it prefills): 'auto' (128 on the CPU, 512 on a GPU) or 16-65536")
     prefill_batch_size: int = _spec("PREFILL_BATCH_SIZE", "prompts prefilled together", min=1, max=1024)
     warmup_tokens: str = _spec("WARMUP_TOKENS", "before /health says ready, the engine prefills a synthetic prompt of this many tokens and decodes at batch sizes 1, 2, 4... up to MAX_CONCURRENT_REQUESTS, so the kernels of the shapes it will serve are compiled before the first request: 'auto' (8192 on a GPU, off on the CPU, where nothing compiles per shape), 0 (off) or a count")
+    warmup_shapes: str = _spec("WARMUP_SHAPES", "what the GPU warm-up runs besides the decode batches and the long prompt: 'all' (also every prompt-batch shape bucketed prefill can form: no first request pays a kernel build, but every distinct shape MLX has run leaves each later step slower, issue 14) or 'lean' (prompt-batch shapes are built when traffic first forms them)", choices=("all", "lean"))
     decode_batch: str = _spec("DECODE_BATCH", "the batching core: 'slots' (Orchard's: rows keep a KV slot, join the next decode step, no whole-cache copies; models with plain KV caches, others fall back) or 'mlx-lm' (mlx-lm's BatchGenerator)", choices=("slots", "mlx-lm"))
     decode_attention: str = _spec("DECODE_ATTENTION", "attention of the slot batcher's decode steps: 'auto' (on CUDA, Orchard's kernel that reads each row's left padding, so no mask drives MLX off its fused path; elsewhere, and for models whose attention calls MLX directly or whose heads are not a multiple of 32 wide, mlx-lm's masked attention) or 'mask' (always mlx-lm's)", choices=("auto", "mask"))
     cpu_math: str = _spec("CPU_MATH", "the exp-heavy parts of a forward pass (SwiGLU's sigmoid, attention's softmax) on an x86 CPU: 'auto' (through MLX's vectorized power: its exp runs one element at a time there; 10-18 % of a 20-row decode step of the embedded model; nothing changes on a GPU or another CPU) or 'mlx' (MLX's own)", choices=("auto", "mlx"))
@@ -220,6 +221,7 @@ DEFAULTS: dict[str, str] = {
     "PREFILL_CHUNK_SIZE": "auto",
     "PREFILL_BATCH_SIZE": "16",
     "WARMUP_TOKENS": "auto",
+    "WARMUP_SHAPES": "all",
     "DECODE_BATCH": "slots",
     "DECODE_ATTENTION": "auto",
     "CPU_MATH": "auto",

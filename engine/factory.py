@@ -94,7 +94,8 @@ def model_engine(settings: Settings, source_setting: str, model_id: str, max_run
         if not tokens or not hasattr(generator, "warm_up"):
             return
         started = time.perf_counter()
-        steps = generator.warm_up(tokens, max_running, model.context_length)
+        steps = generator.warm_up(tokens, max_running, model.context_length,
+                                 prompt_batches=settings.warmup_shapes == "all")
         log.info("warmed up %s: a %d-token prompt and batches up to %d in %d steps, %.1f s", model.model_id,
                  tokens, max_running, steps, time.perf_counter() - started)
 

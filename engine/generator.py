@@ -295,13 +295,14 @@ class Generator:
             length = min(layers[0].offset, len(tokens))
             self.prefix_cache.store(tokens[:length], layers, sum(c.nbytes for c in layers), scope)
 
-    def warm_up(self, prompt_tokens: int, rows: int, context: int) -> int:
+    def warm_up(self, prompt_tokens: int, rows: int, context: int, prompt_batches: bool = True) -> int:
         """Run the shapes this server will use once, before it says ready: with bucketed prefill
         (GPU), every prompt-batch size with every bucketed chunk length it can take; decode
         steps at batch sizes 1, 2, 4... up to `rows`; one prompt at the first length of each
         narrower decode width class; last, one synthetic prompt of `prompt_tokens` (prefilled in
-        the configured chunks: a long prompt's attention sizes). Nothing it leaves stays: the
-        prefix cache is emptied. Returns the steps it took."""
+        the configured chunks: a long prompt's attention sizes). Without `prompt_batches` the
+        prompt-batch shapes are left to the first requests that form them (WARMUP_SHAPES=lean).
+        Nothing it leaves stays: the prefix cache is emptied. Returns the steps it took."""
         vocab = max(self._vocab_size or 512, 8)
         greedy = SamplingParams(temperature=0.0)
         serial = itertools.count()  # every synthetic prompt distinct: nothing is shared or cached
@@ -317,7 +318,7 @@ class Generator:
         long = max(2, min(prompt_tokens, context - 4))
         waves = []
         bucket = self._prefill_bucket if self.slots else 1
-        if bucket > 1:
+        if bucket > 1 and prompt_batches:
             # A prompt of `length` tokens prefills them all when its first token comes from its
             # last pass; else its last token decodes, so it takes one more.
             extra = 0 if self._batch.first_token_in_prefill else 1

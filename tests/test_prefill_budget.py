@@ -116,6 +116,21 @@ def test_a_bad_warm_up_setting_is_refused_at_start(raw):
         load_settings({"WARMUP_TOKENS": raw}, dotenv=False)
 
 
+@pytest.mark.parametrize("raw", ["all", "lean"])
+def test_the_warm_up_shapes_setting_takes_all_or_lean(raw):
+    from config import load_settings
+
+    assert load_settings({"WARMUP_SHAPES": raw}, dotenv=False).warmup_shapes == raw
+    assert load_settings({}, dotenv=False).warmup_shapes == "all"
+
+
+def test_a_bad_warm_up_shapes_setting_is_refused_at_start():
+    from config import SettingsError, load_settings
+
+    with pytest.raises(SettingsError, match="WARMUP_SHAPES"):
+        load_settings({"WARMUP_SHAPES": "some"}, dotenv=False)
+
+
 @pytest.mark.parametrize("raw,cpu,chunk", [("auto", True, 128), ("auto", False, 512), ("256", False, 256)])
 def test_the_chunk_setting_is_auto_per_device_or_a_number(raw, cpu, chunk):
     from config import load_settings

@@ -210,6 +210,25 @@ def test_bucketed_warm_up_covers_every_prompt_batch_size_and_chunk(model):
             assert (rows, length) in shapes, (rows, length, sorted(shapes))
 
 
+def test_a_lean_warm_up_leaves_prompt_batch_shapes_to_traffic_and_still_warms_the_rest(model):
+    """WARMUP_SHAPES=lean: no prompt batch of 2+ prompts and no bucket length but the waves'
+    own is prefilled; every decode batch size and the long prompt's chunks still run."""
+    full = generator(model, "slots", prefill_bucket=16, prefill_step_size=64, prefill_chunk=32)
+    model.fed.clear()
+    full_steps = full.warm_up(40, 4, context=1024)
+    full_shapes = {shape for shape in model.fed if shape[1] > 1}
+    lean = generator(model, "slots", prefill_bucket=16, prefill_step_size=64, prefill_chunk=32)
+    model.fed.clear()
+    lean_steps = lean.warm_up(40, 4, context=1024, prompt_batches=False)
+    lean_shapes = {shape for shape in model.fed if shape[1] > 1}
+    decode = {rows for rows, positions in model.fed if positions == 1}
+    assert lean_steps < full_steps and lean_shapes < full_shapes
+    assert (3, 16) in full_shapes and (3, 16) not in lean_shapes  # a 3-prompt batch: left to traffic
+    assert {1, 2, 4} <= decode  # every decode batch size up to the rows
+    assert (1, 32) in lean_shapes  # the long prompt (40 tokens) in 32-token chunks
+    assert not lean.busy and len(lean.prefix_cache) == 0
+
+
 def test_rows_of_very_different_lengths_decode_in_separate_groups(model, monkeypatch):
     """A long row does not widen the short rows' cache: it decodes in a group of its own (one
     more forward pass per step while both have rows), and the output is unchanged."""

@@ -12,7 +12,7 @@ import ipaddress
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Optional
 
 
 class SettingsError(ValueError):

@@ -157,14 +157,11 @@ def main() -> int:
 
     import mlx.core as mx
 
-    from bench.served_engine import served_generator
+    from bench.served_engine import served_generator, warm_as_served
 
     generator, model, _, config, settings = served_generator(args.shape, args.dtype, args.tokenizer)
-    cpu = mx.default_device().type == mx.cpu
     vocab = config["vocab_size"]
-    generator.warm_up(settings.warmup(cpu), settings.max_concurrent_requests,
-                      config.get("max_position_embeddings", 32768),
-                      prompt_batches=settings.warmup_shapes == "all")
+    warm_as_served(generator, settings, config)
     n = args.streams * args.waves
     deadline = time.perf_counter() + args.warm_seconds
     while time.perf_counter() < deadline:

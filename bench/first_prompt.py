@@ -29,16 +29,13 @@ def main() -> int:
     import mlx.core as mx
 
     from bench.server_vs_engine import distinct_prompts
-    from bench.served_engine import served_generator
+    from bench.served_engine import served_generator, warm_as_served
     from engine.messages import AddRequest
     from engine.sampling import SamplingParams
 
     generator, model, tokenizer, config, settings = served_generator(args.shape, "bfloat16", args.tokenizer)
-    cpu = mx.default_device().type == mx.cpu
     started = time.perf_counter()
-    warm_steps = generator.warm_up(settings.warmup(cpu), settings.max_concurrent_requests,
-                                   config.get("max_position_embeddings", 32768),
-                                   prompt_batches=settings.warmup_shapes == "all")
+    warm_steps = warm_as_served(generator, settings, config)
     result = {"shape": args.shape, "warm_up_s": round(time.perf_counter() - started, 2), "warm_up_steps": warm_steps,
               "prompts": []}
     for k in range(args.prompts):

@@ -29,3 +29,12 @@ def served_generator(shape: str, dtype: str, tokenizer: Optional[Path]):
                           decode_batch=settings.decode_batch, decode_attention=settings.decode_attention,
                           cpu_math=settings.cpu_math)
     return generator, model, tokenizer_, config, settings
+
+
+def warm_as_served(generator, settings, config) -> int:
+    """The start-up warm-up the server's factory runs (WARMUP_TOKENS, WARMUP_SHAPES); its steps."""
+    import mlx.core as mx
+
+    return generator.warm_up(settings.warmup(mx.default_device().type == mx.cpu), settings.max_concurrent_requests,
+                             config.get("max_position_embeddings", 32768),
+                             prompt_batches=settings.warmup_shapes == "all")

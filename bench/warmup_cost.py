@@ -48,27 +48,6 @@ def engine_step_ms(generator, vocab: int, rows: int, seed: int, gen: int = 160) 
     return round(1000 * statistics.median(steps[10:] or steps), 3)
 
 
-def raw_step_ms(model, vocab: int, rows: int, seed: int, steps: int = 150) -> float:
-    """Raw `BatchGenerator`'s decode step at `rows` rows, prefill excluded."""
-    import mlx.core as mx
-    from mlx_lm.generate import BatchGenerator
-
-    from bench.closed_loop import make_prompts
-
-    generator = BatchGenerator(model, max_tokens=steps + 40, completion_batch_size=rows, prefill_batch_size=rows)
-    generator.insert(make_prompts(rows, vocab, seed, 128))
-    for _ in range(20):  # the prefill and the first steps
-        generator.next_generated()
-    mx.synchronize()
-    started = time.perf_counter()
-    for _ in range(steps):
-        generator.next_generated()
-    mx.synchronize()
-    elapsed = time.perf_counter() - started
-    generator.close()
-    return round(1000 * elapsed / steps, 3)
-
-
 def run_part(generator, part: str, settings, context: int, vocab: int) -> int:
     """The warm-up, or one part of it; returns the steps it took."""
     from engine.messages import AddRequest
@@ -105,6 +84,7 @@ def main() -> int:
 
     import mlx.core as mx
 
+    from bench.decode_attention import raw_step_ms
     from bench.served_engine import served_generator
 
     generator, model, _, config, settings = served_generator(args.shape, args.dtype, args.tokenizer)
@@ -119,7 +99,7 @@ def main() -> int:
             row = {"when": label, "rep": rep}
             for rows in (1, 8):
                 row[f"engine_{rows}_ms"] = engine_step_ms(generator, vocab, rows, next(seeds))
-                row[f"raw_{rows}_ms"] = raw_step_ms(model, vocab, rows, next(seeds))
+                row[f"raw_{rows}_ms"] = round(raw_step_ms(model, vocab, rows, 150, next(seeds)), 3)
             print(json.dumps(row), flush=True)
             rows_out.append(row)
         return rows_out

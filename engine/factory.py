@@ -96,8 +96,9 @@ def model_engine(settings: Settings, source_setting: str, model_id: str, max_run
         started = time.perf_counter()
         steps = generator.warm_up(tokens, max_running, model.context_length,
                                  prompt_batches=settings.warmup_shapes == "all")
-        log.info("warmed up %s: a %d-token prompt and batches up to %d in %d steps, %.1f s", model.model_id,
-                 tokens, max_running, steps, time.perf_counter() - started)
+        log.info("warmed up %s: a %d-token prompt, batches up to %d and %s prompt-batch shapes in %d steps, %.1f s",
+                 model.model_id, tokens, max_running, "every" if settings.warmup_shapes == "all" else "no",
+                 steps, time.perf_counter() - started)
 
     def preload() -> None:
         _preload(settings, sources, source_setting, model_id)()

@@ -131,6 +131,27 @@ def test_a_bad_warm_up_shapes_setting_is_refused_at_start():
         load_settings({"WARMUP_SHAPES": "some"}, dotenv=False)
 
 
+@pytest.mark.parametrize("shapes,prompt_batches", [("all", True), ("lean", False)])
+def test_the_server_factory_warms_up_with_the_shapes_setting(shapes, prompt_batches):
+    """The engine the server builds hands WARMUP_SHAPES to the generator's warm-up."""
+    from types import SimpleNamespace
+
+    from config import load_settings
+    from engine.factory import model_engine
+
+    settings = load_settings({"WARMUP_TOKENS": "64", "WARMUP_SHAPES": shapes}, dotenv=False)
+    engine = model_engine(settings, "embedded", "m", 4, pinned=True)
+    calls = []
+
+    class Recorder:
+        def warm_up(self, tokens, rows, context, prompt_batches=True):
+            calls.append((tokens, rows, context, prompt_batches))
+            return 1
+
+    engine._warm_up(Recorder(), SimpleNamespace(model_id="m", context_length=1024), 4)
+    assert calls == [(64, 4, 1024, prompt_batches)]
+
+
 @pytest.mark.parametrize("raw,cpu,chunk", [("auto", True, 128), ("auto", False, 512), ("256", False, 256)])
 def test_the_chunk_setting_is_auto_per_device_or_a_number(raw, cpu, chunk):
     from config import load_settings

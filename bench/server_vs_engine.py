@@ -109,13 +109,37 @@ def bench_level(base: str, level: int, prompts_file: Path, json_out: Path, gen: 
     return {k: summary.get(k) for k in keep}
 
 
-def run_server(setting: str, shape_dir: Path, args, out: Path) -> dict:
+def long_prompt_summary(ttfts: list[float], words: int) -> dict:
+    """The long prompts' TTFTs, and the first over the best later one (goal 3) when there is a later one."""
+    summary: dict = {"words": words, "ttfts_s": [round(t, 3) for t in ttfts]}
+    if len(ttfts) >= 2:
+        summary["first_over_best_later"] = round(ttfts[0] / min(ttfts[1:]), 2)
+    return summary
+
+
+def level_key(levels: dict, level: int) -> str:
+    """A level's key in the summary: a level read again (--levels 64,8,64) keeps both readings
+    ("64", then "64#2"), since the machine drifts between them."""
+    key, n = str(level), 1
+    while key in levels:
+        n += 1
+        key = f"{level}#{n}"
+    return key
+
+
+def server_tag(setting: str, index: int, settings: list[str]) -> str:
+    """File-name tag of a server run; a setting run more than once (A,B,A,B) gets its position."""
+    tag = setting.replace("=", "-").replace("+", "_").lower()
+    return f"{tag}-{index + 1}" if settings.count(setting) > 1 else tag
+
+
+def run_server(setting: str, shape_dir: Path, args, out: Path, tag: str = "") -> dict:
     overrides = dict(part.partition("=")[::2] for part in setting.split("+"))  # A=1+B=2
     port = 8100
     env = {**os.environ, "MODEL": str(shape_dir), "MODEL_ID": "m", "LOAD_FORMAT": "dummy", "PORT": str(port),
            "MAX_CONCURRENT_REQUESTS": str(max(args.levels or [64])), "REQUEST_QUEUE_SIZE": "1024",
            "WORKER_CONNECTIONS": "4000", "PREFILL_BATCH_SIZE": "16", "LOG_LEVEL": "warning", **overrides}
-    tag = setting.replace("=", "-").replace("+", "_").lower()
+    tag = tag or server_tag(setting, 0, [setting])
     scratch = Path("/tmp/server-vs-engine-prompts")
     scratch.mkdir(exist_ok=True)
     log = open(out / f"server-{tag}.log", "w")
@@ -127,9 +151,7 @@ def run_server(setting: str, shape_dir: Path, args, out: Path) -> dict:
         wait_healthy(base, proc)
         words = args.long_words
         ttfts = [long_prompt_ttft(base, "m", distinct_prompts(1, 7 + k, words)[0]) for k in range(args.long_prompts)]
-        cold, warm = ttfts[0], min(ttfts[1:])
-        result["long_prompt"] = {"words": words, "ttfts_s": [round(t, 3) for t in ttfts],
-                                 "first_over_best_later": round(cold / warm, 2)}
+        result["long_prompt"] = long_prompt_summary(ttfts, words)
         print(setting, "long prompt", result["long_prompt"], flush=True)
         levels = {}
         for level in args.levels:
@@ -155,7 +177,7 @@ def run_server(setting: str, shape_dir: Path, args, out: Path) -> dict:
             for key in ("steps", "step_seconds", "prefill_seconds", "decode_seconds"):
                 row[f"engine_{key}"] = round(after["batch"][key] - before["batch"][key], 3)
             row.update(server_latency_split(before_metrics, metric_sums(base)))
-            levels[level] = row
+            levels[level_key(levels, level)] = row
             print(setting, level, row, flush=True)
         result["levels"] = levels
         # A stop under load: SIGTERM while streams decode; the drain must end with exit 0.
@@ -199,6 +221,8 @@ def main() -> int:
                         help="also read raw right before and after each server level (the machine drifts within minutes)")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench-results")))
     args = parser.parse_args()
+    if args.long_prompts < 0:
+        parser.error("--long-prompts must be 0 or more")
     args.out.mkdir(parents=True, exist_ok=True)
     from engine.random_model import write_random_model
 
@@ -210,8 +234,9 @@ def main() -> int:
         doc["raw"] = raw_rows(args.shape, shape_dir, args.levels, args.max_tokens)
         summary.write_text(json.dumps(doc, indent=1))
     doc["servers"] = []
-    for setting in args.settings.split(","):
-        doc["servers"].append(run_server(setting, shape_dir, args, args.out))
+    settings = args.settings.split(",")
+    for index, setting in enumerate(settings):  # A,B,A,B: each setting read twice, in turn (the machine drifts)
+        doc["servers"].append(run_server(setting, shape_dir, args, args.out, server_tag(setting, index, settings)))
         summary.write_text(json.dumps(doc, indent=1))
     if not args.no_raw:  # a second reading: the machine drifts, so the servers sit between two
         doc["raw_after"] = raw_rows(args.shape, shape_dir, args.levels, args.max_tokens)

@@ -1,0 +1,44 @@
+"""bench.server_vs_engine's bookkeeping: readings are never lost or mislabelled when a level or a
+setting is read more than once, and fewer than two long prompts is a valid run."""
+from __future__ import annotations
+
+import pytest
+
+from bench.server_vs_engine import level_key, long_prompt_summary, main, server_tag
+
+
+def test_a_level_read_again_keeps_both_readings():
+    levels: dict = {}
+    for level, value in ((64, "first"), (8, "eight"), (64, "second"), (64, "third")):
+        levels[level_key(levels, level)] = value
+    assert levels == {"64": "first", "8": "eight", "64#2": "second", "64#3": "third"}
+
+
+@pytest.mark.parametrize("ttfts, ratio", [([2.0, 1.0, 1.25], 2.0), ([1.5, 1.0], 1.5)])
+def test_long_prompts_first_over_best_later(ttfts, ratio):
+    summary = long_prompt_summary(ttfts, 6000)
+    assert summary["first_over_best_later"] == ratio
+    assert summary["ttfts_s"] == ttfts and summary["words"] == 6000
+
+
+@pytest.mark.parametrize("ttfts", [[], [1.234567]])
+def test_fewer_than_two_long_prompts_has_no_ratio(ttfts):
+    # --long-prompts 0 crashed here (min of an empty list) after the raw rows had been read.
+    summary = long_prompt_summary(ttfts, 100)
+    assert "first_over_best_later" not in summary
+    assert summary["ttfts_s"] == [round(t, 3) for t in ttfts]
+
+
+def test_a_repeated_setting_gets_a_tag_per_run():
+    settings = ["DECODE_BATCH=slots", "A=1+B=2", "DECODE_BATCH=slots"]
+    tags = [server_tag(s, i, settings) for i, s in enumerate(settings)]
+    assert tags == ["decode_batch-slots-1", "a-1_b-2", "decode_batch-slots-3"]
+    assert len(set(tags)) == len(tags)
+
+
+def test_negative_long_prompts_is_refused_before_any_work(monkeypatch, capsys):
+    monkeypatch.setattr("sys.argv", ["server_vs_engine", "--long-prompts", "-1"])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    assert exc.value.code == 2
+    assert "--long-prompts" in capsys.readouterr().err

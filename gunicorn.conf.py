@@ -53,15 +53,20 @@ def post_worker_init(worker):
 
     import gevent
 
+    from app.keepalive import IdleConnections
+
     orchard = worker.wsgi.extensions["orchard"]
     # A dead engine: the worker stops accepting (the master keeps the port; the next worker
     # takes the queued connections), answers what it has, and exits.
     orchard.start_watchdog(stop_accepting=lambda: setattr(worker, "alive", False))
     stop_worker = worker.handle_exit
+    # Idle keep-alive connections close at once on stop, not KEEP_ALIVE seconds later (app/keepalive.py).
+    idle = IdleConnections(worker)
 
     def handle_term(sig, frame):
         gevent.spawn(orchard.begin_drain)
         stop_worker(sig, frame)
+        gevent.spawn(idle.close_idle)
 
     signal.signal(signal.SIGTERM, handle_term)
 

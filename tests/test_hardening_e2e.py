@@ -313,3 +313,46 @@ def test_drain_budget_ends_long_requests_with_a_clear_reason(tiny_server_factory
     reasons = {r["choices"][0]["finish_reason"] for r in results}
     assert "abort" in reasons and reasons <= {"abort", "length"}
     assert server.proc.wait(30) == 0
+
+
+def _keep_alive_connection(server: ServerProcess) -> socket.socket:
+    """A raw HTTP/1.1 connection that has been answered once and stays open, idle."""
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    sock.sendall(f"GET /health HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n\r\n".encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += sock.recv(4096)
+    headers, _, rest = head.partition(b"\r\n\r\n")
+    length = int(next(line.split(b":")[1] for line in headers.split(b"\r\n") if line.lower().startswith(b"content-length")))
+    while len(rest) < length:
+        rest += sock.recv(4096)
+    assert headers.startswith(b"HTTP/1.1 200") and b"close" not in headers.lower()
+    return sock
+
+
+def test_a_stop_does_not_wait_for_idle_keep_alive_connections(tiny_server_factory):
+    """Gunicorn's gevent worker waits for every connection handler on stop, and an idle keep-alive
+    connection's handler used to return only when KEEP_ALIVE ran out: every stop with a pooled
+    client or an nginx upstream attached took that long for nothing (app/keepalive.py)."""
+    server = tiny_server_factory(KEEP_ALIVE="25")
+    idle = [_keep_alive_connection(server) for _ in range(3)]
+    with cf.ThreadPoolExecutor(1) as pool:
+        stream = pool.submit(lambda: requests.post(server.base_url + "/v1/chat/completions", timeout=60,
+                                                   json=body(max_tokens=48, ignore_eos=True)).json())
+        deadline = time.monotonic() + 20
+        while status_of(server)["requests"]["running"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        started = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        for sock in idle:  # closed by the server, cleanly: end of stream, not a byte of response
+            sock.settimeout(10)
+            assert sock.recv(4096) == b""
+        closed_after = time.monotonic() - started
+        answer = stream.result()
+    code = server.proc.wait(30)
+    stopped_after = time.monotonic() - started
+    assert code == 0
+    assert closed_after < 3, f"idle connections were closed {closed_after:.1f} s after SIGTERM"
+    assert stopped_after < 15, f"the stop took {stopped_after:.1f} s (KEEP_ALIVE is 25 s)"
+    # The request in flight was not cut: it ran to its length.
+    assert answer["choices"][0]["finish_reason"] == "length" and answer["usage"]["completion_tokens"] == 48

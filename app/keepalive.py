@@ -78,8 +78,13 @@ class IdleConnections:
             sock = self._sockets.get(current)
             if sock is None or _has_bytes(sock):
                 continue
-            # What the timeout's own timer does when it expires: throw it into the waiting greenlet.
-            hub.loop.run_callback(current.throw, timeout)
+            hub.loop.run_callback(self._end_wait, current, timeout)
             ended += 1
         self.closed += ended
         return ended
+
+    def _end_wait(self, current, timeout) -> None:
+        """In the hub, as the timeout's own timer would on expiry: throw it into the waiting greenlet,
+        if it still waits under it (a request that arrived since the look has left the wait)."""
+        if self._waiting.get(current) is timeout:
+            current.throw(timeout)

@@ -77,7 +77,7 @@ def raw_rows(shape: str, model_dir: Path, levels: list[int], gen: int) -> dict:
     step_ms = (time.perf_counter() - start) / steps * 1000
     generator.close()
     print(f"raw single-row decode step: {step_ms:.2f} ms", flush=True)
-    del model
+    model = None  # this process lets its copy go before a server loads its own
     mx.clear_cache()
     return {"tok_s": rows, "step_ms_batch1": round(step_ms, 3)}
 
@@ -107,6 +107,17 @@ def bench_level(base: str, level: int, prompts_file: Path, json_out: Path, gen: 
     summary = level_doc.get("summary") or level_doc
     keep = ("tok_per_s", "ttft_p50", "ttft_p95", "itl_mean", "itl_p95", "failed", "ok", "tpot_mean")
     return {k: summary.get(k) for k in keep}
+
+
+def burn_in(seconds: float, read_once, clock=time.monotonic) -> int:
+    """Raw readings, thrown away, until `seconds` have passed; returns how many ran. A lent GPU
+    machine runs slower in its first minutes (stop 23: whichever server ran first on a lease read
+    up to 2x slower), so the first kept reading should not be taken on a cold one."""
+    deadline, readings = clock() + seconds, 0
+    while clock() < deadline:
+        read_once()
+        readings += 1
+    return readings
 
 
 def long_prompt_summary(ttfts: list[float], words: int) -> dict:
@@ -219,6 +230,8 @@ def main() -> int:
     parser.add_argument("--no-raw", action="store_true")
     parser.add_argument("--interleave", action="store_true",
                         help="also read raw right before and after each server level (the machine drifts within minutes)")
+    parser.add_argument("--warm-seconds", type=float, default=0,
+                        help="raw waves for this long first, discarded, so the machine is warm before any kept reading")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench-results")))
     args = parser.parse_args()
     if args.long_prompts < 0:
@@ -230,6 +243,10 @@ def main() -> int:
                                    dtype="bfloat16", tokenizer_from=args.tokenizer)
     doc: dict = {"shape": args.shape, "levels": args.levels, "max_tokens": args.max_tokens}
     summary = args.out / "server_vs_engine.json"
+    if args.warm_seconds > 0:
+        levels = args.levels or [8]
+        doc["burn_in"] = {"seconds": args.warm_seconds, "readings": burn_in(
+            args.warm_seconds, lambda: raw_rows(args.shape, shape_dir, levels, args.max_tokens))}
     if not args.no_raw:
         doc["raw"] = raw_rows(args.shape, shape_dir, args.levels, args.max_tokens)
         summary.write_text(json.dumps(doc, indent=1))

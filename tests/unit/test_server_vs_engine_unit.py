@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.server_vs_engine import level_key, long_prompt_summary, main, server_tag
+from bench.server_vs_engine import burn_in, level_key, long_prompt_summary, main, server_tag
 
 
 def test_a_level_read_again_keeps_both_readings():
@@ -42,3 +42,23 @@ def test_negative_long_prompts_is_refused_before_any_work(monkeypatch, capsys):
         main()
     assert exc.value.code == 2
     assert "--long-prompts" in capsys.readouterr().err
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.mark.parametrize("seconds, each, want", [(0, 1.0, 0), (3, 1.0, 3), (3, 2.0, 2), (0.5, 5.0, 1)])
+def test_burn_in_reads_until_its_time_is_spent(seconds, each, want):
+    clock, reads = FakeClock(), []
+
+    def read_once():
+        reads.append(clock.now)
+        clock.now += each
+
+    assert burn_in(seconds, read_once, clock) == want
+    assert len(reads) == want

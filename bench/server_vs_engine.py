@@ -110,9 +110,9 @@ def bench_level(base: str, level: int, prompts_file: Path, json_out: Path, gen: 
 
 
 def burn_in(seconds: float, read_once, clock=time.monotonic) -> int:
-    """Raw readings, thrown away, until `seconds` have passed; returns how many ran. A lent GPU
-    machine runs slower in its first minutes (stop 23: whichever server ran first on a lease read
-    up to 2x slower), so the first kept reading should not be taken on a cold one."""
+    """Raw readings, thrown away, until `seconds` have passed; returns how many ran. Lent GPU
+    machines drift, and in stop 23 the earlier servers of a lease read slower (one setting rose
+    from 4,3xx to 5,1xx-5,5xx tok/s over a lease), so no kept reading should come first."""
     deadline, readings = clock() + seconds, 0
     while clock() < deadline:
         read_once()

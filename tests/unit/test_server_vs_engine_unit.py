@@ -62,3 +62,31 @@ def test_burn_in_reads_until_its_time_is_spent(seconds, each, want):
 
     assert burn_in(seconds, read_once, clock) == want
     assert len(reads) == want
+
+
+def test_warm_seconds_runs_discarded_raw_readings_before_the_kept_ones(monkeypatch, tmp_path):
+    import json
+    import time
+
+    import engine.random_model
+    from bench import server_vs_engine
+
+    calls = []
+
+    def fake_raw_rows(shape, shape_dir, levels, gen):
+        calls.append(("raw", tuple(levels)))
+        time.sleep(0.02)
+        return {"tok_s": {level: 1.0 for level in levels}, "step_ms_batch1": 1.0}
+
+    monkeypatch.setattr(engine.random_model, "write_random_model", lambda *a, **k: tmp_path)
+    monkeypatch.setattr(server_vs_engine, "raw_rows", fake_raw_rows)
+    monkeypatch.setattr(server_vs_engine, "run_server",
+                        lambda setting, *a, **k: calls.append(("server", setting)) or {"setting": setting})
+    monkeypatch.setattr("sys.argv", ["server_vs_engine", "--warm-seconds", "0.1", "--levels", "8",
+                                     "--settings", "A=1", "--out", str(tmp_path)])
+    assert main() == 0
+    doc = json.loads((tmp_path / "server_vs_engine.json").read_text())
+    burned = doc["burn_in"]["readings"]
+    assert burned >= 2 and doc["burn_in"]["seconds"] == 0.1
+    # The discarded readings all come first; then the kept raw row, the server, the raw row after.
+    assert calls == [("raw", (8,))] * burned + [("raw", (8,)), ("server", "A=1"), ("raw", (8,))]

@@ -84,10 +84,13 @@ def test_a_killed_follower_gives_503s_then_the_group_recovers(group, single):
                 assert r.headers.get("Retry-After"), r.headers
             if r.status_code == 200 and 503 in statuses:
                 break
+        except requests.ReadTimeout:  # a hang: fail now, with what the group's log says about it
+            statuses.append(f"no answer in 30 s, {time.monotonic() - deadline + 150:.1f} s after the kill")
+            break
         except requests.ConnectionError:
             statuses.append("refused")
         time.sleep(0.5)
+    assert set(statuses) <= {200, 503, 500}, (statuses, group.log())  # never a hang (each call returned within 30 s)
     assert 503 in statuses and statuses[-1] == 200, statuses
-    assert set(statuses) <= {200, 503, 500}, statuses  # never a hang (each call returned within 30 s)
     assert follower(group).pid != rank1.pid
     assert answers(group, PROMPTS[:2]) == expected

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import difflib
+import http.server
 import itertools
 import json
 import os
@@ -18,6 +19,7 @@ import re
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,9 +87,83 @@ def test_the_committed_file_is_a_complete_configuration(tmp_path):
         r = subprocess.run([NGINX, "-t", "-c", str(CONF)], capture_output=True, text=True, timeout=30)
         assert r.returncode == 0, r.stderr
     for rule in ("least_conn;", "keepalive 32;", "proxy_buffering off;", "proxy_next_upstream error timeout;",
-                 "proxy_intercept_errors on;", "error_page 503 = @another_instance;", "max_fails=1"):
+                 "proxy_intercept_errors on;", "error_page 503 = @another_instance;",
+                 "error_page 503 = @last_instance;", "max_fails=1"):
         assert rule in text, rule
     assert "non_idempotent" not in re.sub(r"#.*", "", text), "would resend requests that reached a model"
+
+
+# ---- the retry chain, against stand-in upstreams -----------------------------------------
+class StandIn(http.server.BaseHTTPRequestHandler):
+    """An upstream that answers every POST with its server's `status` (503: Orchard's refusal,
+    with Retry-After and the envelope) and records the X-Request-Id of each request it got."""
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self):
+        self._answer(200, {"status": "ok"})
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.server.seen.append(self.headers.get("X-Request-Id"))
+        if self.server.status == 503:
+            self._answer(503, {"error": {"message": "busy", "type": "server_error", "param": None,
+                                         "code": "server_is_overloaded"}}, {"Retry-After": "1"})
+        else:
+            self._answer(200, {"port": self.server.server_port})
+
+    def _answer(self, status: int, body: dict, headers: dict | None = None):
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        for name, value in {"Content-Type": "application/json", "Content-Length": str(len(data)),
+                            **(headers or {})}.items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def stand_ins(tmp_path):
+    """nginx with the committed file in front of three stand-in upstreams."""
+    cluster = Cluster(tmp_path, "")
+    servers = [http.server.ThreadingHTTPServer(("127.0.0.1", port), StandIn) for port in cluster.ports]
+    for server in servers:
+        server.status, server.seen, server.daemon_threads = 200, [], True
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        cluster.start_nginx()
+        yield cluster, servers
+    finally:
+        cluster.stop()
+        for server in servers:
+            server.shutdown()
+            server.server_close()
+
+
+def test_a_refused_request_tries_every_instance_before_a_503(stand_ins):
+    """Refused by two instances, a request still reaches the third, whichever it is; refused by
+    all three, the client gets the last 503 as it is. No instance gets the same request twice
+    before every other one has had it."""
+    cluster, servers = stand_ins
+    for accepting in range(3):
+        for index, server in enumerate(servers):
+            server.status, server.seen = (200 if index == accepting else 503), []
+        for n in range(6):
+            rid = f"chain-{accepting}-{n}"
+            r = requests.post(cluster.url + "/v1/chat/completions", json={}, headers={"X-Request-Id": rid}, timeout=10)
+            assert r.status_code == 200, (accepting, r.text, cluster.access_log())
+            assert r.json()["port"] == cluster.ports[accepting]
+        assert servers[accepting].seen == [f"chain-{accepting}-{n}" for n in range(6)]
+        for server in servers:
+            assert len(server.seen) == len(set(server.seen)), server.seen
+    for server in servers:
+        server.status, server.seen = 503, []
+    r = requests.post(cluster.url + "/v1/chat/completions", json={}, headers={"X-Request-Id": "chain-none"}, timeout=10)
+    assert r.status_code == 503 and r.headers["Retry-After"] == "1", r.text
+    assert r.json()["error"]["code"] == "server_is_overloaded"
+    assert all("chain-none" in server.seen for server in servers), cluster.access_log()
 
 
 # ---- the cluster ----------------------------------------------------------------------
@@ -135,6 +211,10 @@ class Cluster:
             except requests.ConnectionError:
                 time.sleep(0.1)
         raise RuntimeError(f"nginx did not start:\n{self.nginx_log()}")
+
+    def access_log(self, lines: int = 40) -> str:
+        path = self.tmp / "access.log"
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
 
     def nginx_log(self) -> str:
         logs = (self.tmp / "startup.log", self.tmp / "error.log")
@@ -346,7 +426,7 @@ def test_sigterm_drains_one_instance_while_the_others_serve(cluster):
         during = cluster.ask_many(3, max_tokens=4)
         outcomes = [f.result() for f in streams] + during
     assert_allowed(outcomes)
-    assert sum(o.kind == "complete" for o in during) >= 1
+    assert sum(o.kind == "complete" for o in during) >= 1, (during, cluster.access_log())
     assert draining.proc.wait(15) == 0 and "drained" in draining.full_log()
 
 

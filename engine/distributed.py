@@ -14,11 +14,11 @@ same, and the ring re-forms when every rank is back (`mx.distributed.init` waits
 """
 from __future__ import annotations
 
+import _socket  # the C socket type: gevent's monkey patching replaces `socket.socket`, not this
 import json
 import logging
 import os
 import pickle
-import socket
 import struct
 import time
 from typing import Optional
@@ -45,26 +45,37 @@ class StepGroup:
         return self.rank == 0
 
     def _connect(self, address: tuple[str, int], timeout_s: float) -> None:
+        """Plain blocking sockets, never gevent's: on rank 0 this runs on the engine thread, in a
+        process gevent has patched, and a gevent socket there gives that thread a hub of its own
+        (a second event loop that the engine thread blocks in every step, which gevent's monitor
+        then reports, every 0.1 s, as a blocked loop)."""
+        family, kind, proto, _, sockaddr = _socket.getaddrinfo(*address, 0, _socket.SOCK_STREAM)[0]
         if self.is_leader:
-            with socket.create_server(address, reuse_port=False) as server:
+            server = _socket.socket(family, kind, proto)
+            try:
+                server.setsockopt(_socket.SOL_SOCKET, _socket.SO_REUSEADDR, 1)  # a re-formed group binds it again
+                server.bind(sockaddr)
+                server.listen(self.size)
                 server.settimeout(timeout_s)
                 while len(self._peers) < self.size - 1:
-                    peer, _ = server.accept()
-                    peer.settimeout(None)
-                    peer.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                    self._peers.append(peer)
+                    fd, _ = server._accept()
+                    self._peers.append(_plan_socket(_socket.socket(fileno=fd)))
+            finally:
+                server.close()
             return
         deadline = time.monotonic() + timeout_s
         while True:
+            peer = _socket.socket(family, kind, proto)
+            peer.settimeout(5)
             try:
-                peer = socket.create_connection(address, timeout=5)
+                peer.connect(sockaddr)
                 break
             except OSError:
+                peer.close()
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.2)  # the leader's listener is not up yet
-        peer.settimeout(None)
-        self._peers.append(peer)
+        self._peers.append(_plan_socket(peer))
 
     def share(self, plan: Optional[list], turns: int = 0) -> list:
         """Rank 0's plan, on every rank (followers pass None and wait for it). Each frame also
@@ -93,6 +104,14 @@ class StepGroup:
             chunks.append(chunk)
             left -= len(chunk)
         return b"".join(chunks)
+
+
+def _plan_socket(peer):
+    """A connected plan socket: blocking without a deadline (a step may take long), and each
+    frame sent at once (a plan is small and the followers wait for it)."""
+    peer.settimeout(None)
+    peer.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
+    return peer
 
 
 def plan_address(hostfile: str) -> tuple[str, int]:

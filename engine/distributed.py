@@ -36,7 +36,7 @@ class StepGroup:
     def __init__(self, group, plan_address: tuple[str, int], timeout_s: float = 300.0):
         self.group = group
         self.rank, self.size = group.rank(), group.size()
-        self._peers: list[socket.socket] = []
+        self._peers: list[_socket.socket] = []
         if self.size > 1:
             self._connect(plan_address, timeout_s)
 

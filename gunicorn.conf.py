@@ -27,7 +27,8 @@ bind = f"{_settings.host}:{_settings.port}"
 # 4-worker test failed with "Unable to build metal library"). Concurrency comes from
 # gevent connections plus continuous batching inside the worker.
 workers = 1
-worker_class = "gevent"
+# Gunicorn's gevent worker, whose stop follows events rather than one-second polls (app/worker.py).
+worker_class = "app.worker.OrchardWorker"
 worker_connections = _settings.worker_connections
 timeout = _settings.timeout
 graceful_timeout = _settings.graceful_timeout
@@ -58,7 +59,7 @@ def post_worker_init(worker):
     orchard = worker.wsgi.extensions["orchard"]
     # A dead engine: the worker stops accepting (the master keeps the port; the next worker
     # takes the queued connections), answers what it has, and exits.
-    orchard.start_watchdog(stop_accepting=lambda: setattr(worker, "alive", False))
+    orchard.start_watchdog(stop_accepting=lambda: (setattr(worker, "alive", False), worker.wake()))
     stop_worker = worker.handle_exit
     # Idle keep-alive connections close at once on stop, not KEEP_ALIVE seconds later (app/keepalive.py).
     idle = IdleConnections(worker)

@@ -18,12 +18,14 @@ answers it 503 `shutting_down`). Requests in flight are untouched: the drain end
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Callable
 
 import gevent
 from gevent import monkey
 
 _select = monkey.get_original("select", "select")  # a non-blocking look, never a gevent wait
+log = logging.getLogger("orchard.worker")
 
 
 def _has_bytes(sock) -> bool:
@@ -41,7 +43,7 @@ class IdleConnections:
     def __init__(self, worker):
         self._sockets: dict = {}  # handler greenlet -> its client socket, for the connection's life
         self._waiting: dict = {}  # handler greenlet -> the keep-alive timeout it waits under
-        self.closed = 0  # idle connections ended at stop (measured only)
+        self.closed = 0  # idle connections ended at stop
         handle: Callable = worker.handle
         timeout_ctx: Callable = worker.timeout_ctx
 
@@ -81,6 +83,8 @@ class IdleConnections:
             hub.loop.run_callback(self._end_wait, current, timeout)
             ended += 1
         self.closed += ended
+        if ended:
+            log.info("stop: closing %d idle keep-alive connection%s", ended, "" if ended == 1 else "s")
         return ended
 
     def _end_wait(self, current, timeout) -> None:

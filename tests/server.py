@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -13,6 +14,33 @@ from pathlib import Path
 import requests
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# "Blocked Stack (for thread id 0x..):" or "Thread 0x.. (name)", then that thread's outermost frame.
+_THREAD_STACK = re.compile(r'(?:Blocked Stack \(for thread id |\nThread )(0x[0-9a-f]+)[^\n]*\n(?:[ \t]*\n)*'
+                           r'[ \t]*File "([^"]+)", line \d+, in (\w+)')
+_REPORT_THREAD = re.compile(r"Blocked Stack \(for thread id (0x[0-9a-f]+)\)")
+
+
+def loop_blocks(log: str) -> list[str]:
+    """The blocked stacks of gevent monitor reports about Orchard's event loop, from a server log.
+
+    Two kinds of report are not about our loop, and are left out, by thread: those about a
+    thread whose outermost frame is gevent's monitor (`gevent/_monitor.py` `__call__`: a monitor
+    thread that got a hub of its own reports itself, several times a second), and those about
+    the engine thread (`engine/host.py` `_run`: it gets a hub of its own after waiting on a lock
+    that gevent patched, an import's or logging's, while the main thread held it, and the
+    monitor then reports each step it takes). Threads are known by id from any stack in the
+    log, so a report cut short or interleaved with another monitor's output is still placed."""
+    not_ours = {tid for tid, path, func in _THREAD_STACK.findall(log)
+                if (path.endswith("gevent/_monitor.py") and func == "__call__")
+                or (path.endswith("engine/host.py") and func == "_run")}
+    real = []
+    for report in log.split("appears to be blocked")[1:]:
+        thread = _REPORT_THREAD.search(report)
+        if thread is None or thread.group(1) in not_ours:
+            continue
+        real.append(report.split("Blocked Stack", 1)[-1].split("Info:", 1)[0].strip()[:2000])
+    return real
 
 
 def _die_with_parent() -> None:
@@ -87,20 +115,10 @@ class ServerProcess:
         return entries
 
     def loop_blocks(self) -> list[str]:
-        """gevent monitor reports of a blocked event loop since the server became ready.
-
-        gevent's own monitor thread sometimes gets a hub of its own and then reports
-        itself ("Blocked Stack" inside gevent/_monitor.py): those are not our loop."""
+        """gevent monitor reports of a blocked event loop since the server became ready."""
         with open(self.log_path, "rb") as f:
             f.seek(self._ready_offset)
-            text = f.read().decode(errors="replace")
-        reports = text.split("appears to be blocked")[1:]
-        real = []
-        for report in reports:
-            blocked_stack = report.split("Blocked Stack", 1)[-1].split("Info:", 1)[0]
-            if "gevent/_monitor.py" not in blocked_stack:
-                real.append(blocked_stack.strip()[:2000])
-        return real
+            return loop_blocks(f.read().decode(errors="replace"))
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-6000:]

@@ -47,10 +47,6 @@ class FixedKV:
 
         return mx.arange(self.keys.shape[2]) <= self.offset  # the columns written, this step's included
 
-    @property
-    def state(self):
-        return self.keys, self.values
-
 
 def prefilled(model, vocab: int, batch: int, seed: int, room: int):
     """Each row's prompt through the model on plain caches, then copied into buffers with `room`

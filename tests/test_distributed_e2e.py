@@ -94,4 +94,3 @@ def test_a_killed_follower_gives_503s_then_the_group_recovers(group, single):
     assert 503 in statuses and statuses[-1] == 200, statuses
     assert follower(group).pid != rank1.pid
     assert answers(group, PROMPTS[:2]) == expected
-

@@ -355,6 +355,8 @@ def test_a_stop_does_not_wait_for_idle_keep_alive_connections(tiny_server_factor
     assert code == 0
     assert closed_after < 3, f"idle connections were closed {closed_after:.1f} s after SIGTERM"
     assert stopped_after < 15, f"the stop took {stopped_after:.1f} s (KEEP_ALIVE is 25 s)"
+    # The worker is Orchard's (app/worker.py): its stop wakes on events, not one-second polls.
+    assert "Using worker: app.worker.OrchardWorker" in server.full_log()
     closing = re.search(r"stop: closing (\d+) idle keep-alive connections", server.full_log())
     assert closing and int(closing.group(1)) >= 3, server.log()  # the three above (and any other idle one)
     # The request in flight was not cut: it ran to its length.

@@ -71,7 +71,7 @@ class Engine:
                  admission_group: int = 1, admission_wait_steps: Optional[int] = 0, model_id: str = "",
                  pinned: bool = True, weight_estimate: int = 0,
                  warm_up: Optional[Callable[[object, LoadedModel, int], None]] = None):
-        self._loader = loader  # loader(with_weights, group) -> LoadedModel
+        self._loader = loader  # loader(with_weights, group, tokenizer=None) -> LoadedModel
         self._warm_up = warm_up  # (generator, model, max_running): compile shapes before READY
         self._preload = preload
         self._kv_budget_setting = kv_budget
@@ -271,7 +271,7 @@ class Engine:
         self.state = EngineState.LOADING
         self.stats.last_beat = time.monotonic()
         try:
-            loaded = self._loader(True, self._host.group)
+            loaded = self._loader(True, self._host.group, tokenizer=self.model.tokenizer)  # the weights alone
         except Exception as exc:  # its queued requests fail; the model stays loadable
             log.error("loading %s failed: %s", self.model_id, exc)
             self.state = EngineState.UNLOADED

@@ -135,7 +135,7 @@ def _preload(settings: Settings, sources: list, source_setting: Optional[str] = 
 def _loader(settings: Settings, source_setting: Optional[str], model_id: str, sources: Optional[list] = None):
     sources = sources if sources is not None else []
 
-    def load(with_weights: bool, group=None) -> LoadedModel:
+    def load(with_weights: bool, group=None, tokenizer=None) -> LoadedModel:
         from engine.loader import load as load_model
         from engine.model_source import resolve
 
@@ -145,6 +145,6 @@ def _loader(settings: Settings, source_setting: Optional[str], model_id: str, so
         source = sources[-1]
         if with_weights:
             log.info("loading %s from %s", source.model_id, source.location if source.is_local else "the hub")
-        return load_model(source, settings.load_format, with_weights=with_weights, group=group)
+        return load_model(source, settings.load_format, with_weights=with_weights, group=group, tokenizer=tokenizer)
 
     return load

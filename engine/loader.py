@@ -15,10 +15,16 @@ from engine.model import LoadedModel, context_length_of
 from engine.model_source import ModelSource
 
 
-def load(source: ModelSource, load_format: str = "weights", with_weights: bool = True, group=None) -> LoadedModel:
+def load(source: ModelSource, load_format: str = "weights", with_weights: bool = True, group=None,
+         tokenizer=None) -> LoadedModel:
     """The model; without weights, only its text side (tokenizer, config, limits): a model
     loaded on demand is validated against while its weights stay on disk. In a distributed
-    group (engine.distributed.StepGroup) the weights are split across its ranks before they load."""
+    group (engine.distributed.StepGroup) the weights are split across its ranks before they load.
+
+    `tokenizer`: the one the text side already built, for a load on demand. Building a fast
+    tokenizer holds the GIL for its whole length (about 0.1 s for SmolLM2's, more for Qwen2.5's
+    151k vocabulary), and a load on demand runs on the engine thread while the event loop
+    serves: building it again would stall every open stream for nothing."""
     import mlx.core as mx
     from mlx.utils import tree_flatten
     from mlx_lm.utils import load as mlx_load
@@ -29,10 +35,15 @@ def load(source: ModelSource, load_format: str = "weights", with_weights: bool =
         model, tokenizer, config = _load_dummy(path, build=False)
         split = False
     elif load_format == "dummy":
-        model, tokenizer, config = _load_dummy(Path(source.location))
+        model, tokenizer, config = _load_dummy(Path(source.location), tokenizer=tokenizer)
     elif load_format == "synthetic":  # HTTP-path benchmark: tokenizer and config, no weights
-        model, tokenizer, config = _load_dummy(Path(source.location), build=False)
+        model, tokenizer, config = _load_dummy(Path(source.location), build=False, tokenizer=tokenizer)
         split = False
+    elif tokenizer is not None:  # the weights alone
+        from mlx_lm.utils import _download, load_model
+
+        path = Path(source.location) if source.is_local else Path(_download(source.location))
+        model, config = load_model(path, lazy=split)
     else:  # lazily: in a group each rank reads only its part of the weights
         model, tokenizer, config = mlx_load(source.location, return_config=True, lazy=split)
     if split:
@@ -69,7 +80,7 @@ def _local_copy(repo: str) -> Path:
     return Path(_download(repo))
 
 
-def _load_dummy(path: Path, build: bool = True):
+def _load_dummy(path: Path, build: bool = True, tokenizer=None):
     import mlx.core as mx
     import mlx.nn as nn
     from mlx_lm.utils import _get_classes, load_tokenizer
@@ -82,6 +93,7 @@ def _load_dummy(path: Path, build: bool = True):
         model.set_dtype(getattr(mx, config.get("torch_dtype", "float32"), mx.float32))
     else:
         model = nn.Module()
-    eos = config.get("eos_token_id")
-    tokenizer = load_tokenizer(path, eos_token_ids=[eos] if isinstance(eos, int) else eos)
+    if tokenizer is None:
+        eos = config.get("eos_token_id")
+        tokenizer = load_tokenizer(path, eos_token_ids=[eos] if isinstance(eos, int) else eos)
     return model, tokenizer, config

@@ -208,7 +208,22 @@ def test_logprobs_are_sorted_with_bytes_and_match_the_text(client, stream):
 def test_streamed_logprobs_equal_plain_logprobs(client):
     kwargs = dict(model=MODEL, messages=ASK_WEATHER, temperature=0, max_tokens=6, logprobs=True, top_logprobs=2)
     plain, streamed = ask(client, False, **kwargs), ask(client, True, **kwargs)
-    assert plain["choices"][0]["logprobs"]["content"] == streamed["choices"][0]["logprobs"]["content"]
+    plain, streamed = plain["choices"][0]["logprobs"]["content"], streamed["choices"][0]["logprobs"]["content"]
+    # The same tokens, bytes and alternatives; the numbers up to float32 rounding: the two need
+    # not run in passes of one shape (the second may reuse the first one's prompt KV from the
+    # prefix cache and compute only its last position), and another shape is another BLAS
+    # kernel with another rounding (CI saw differences of 2e-6).
+    assert _without_logprobs(plain) == _without_logprobs(streamed)
+    assert _logprobs(plain) == pytest.approx(_logprobs(streamed), abs=1e-4)
+
+
+def _without_logprobs(entries: list) -> list:
+    return [{**e, "logprob": None, "top_logprobs": [{**t, "logprob": None} for t in e["top_logprobs"]]}
+            for e in entries]
+
+
+def _logprobs(entries: list) -> list:
+    return [v for e in entries for v in [e["logprob"], *(t["logprob"] for t in e["top_logprobs"])]]
 
 
 @pytest.mark.parametrize("stream", BOTH)

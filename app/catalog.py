@@ -111,6 +111,16 @@ class ModelCatalog:
         host = self._host or getattr(self.first_engine, "_host", None)
         return bool(host is not None and host.alive)
 
+    def end_open_requests(self, why: str) -> int:
+        """End every request the engine thread holds with an error, from the hub (a stalled
+        thread never will); how many there were."""
+        from engine.messages import Finished
+
+        host = self._host or getattr(self.first_engine, "_host", None)
+        if host is None or host.bridge is None:
+            return 0
+        return host.bridge.end_all(Finished("error", error=why))
+
     def host_died(self) -> bool:
         host = self._host or getattr(self.first_engine, "_host", None)
         return bool(host is not None and host.error is not None)

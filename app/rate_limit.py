@@ -19,7 +19,9 @@ from app.errors import APIError
 
 class RateLimiter:
     def __init__(self, requests_per_minute: int, tokens_per_minute: int):
-        self._limiter = MovingWindowRateLimiter(MemoryStorage())
+        # Built only when a limit is set: MemoryStorage starts an expiry timer thread (a
+        # greenlet under gevent) that a server without limits has no use for.
+        self._limiter = MovingWindowRateLimiter(MemoryStorage()) if requests_per_minute or tokens_per_minute else None
         self._requests = RateLimitItemPerMinute(requests_per_minute) if requests_per_minute else None
         self._tokens = RateLimitItemPerMinute(tokens_per_minute) if tokens_per_minute else None
 

@@ -72,8 +72,8 @@ def inject_fault():
     if not orchard.settings.fault_injection:
         raise APIError(404, "Unknown route", type="not_found_error", code="not_found_error")
     kind = (request.get_json(silent=True) or {}).get("kind")
-    if kind not in ("step", "loop"):
-        raise APIError(400, "kind must be 'step' or 'loop'", param="kind")
+    if kind not in ("step", "loop", "stall"):
+        raise APIError(400, "kind must be 'step', 'loop' or 'stall'", param="kind")
     orchard.engine.inject_fault(kind)
     return jsonify(injected=kind)
 

@@ -30,8 +30,7 @@ from engine.engine import Engine, EngineState
 from orchard import __version__
 
 log = logging.getLogger("orchard.worker")
-STALL_S = 30.0  # engine loop silent this long while it has work: unhealthy
-LOAD_STALL_S = 900.0  # ... or this long while it loads a model's weights on demand
+LOAD_STALL_S = 900.0  # engine loop silent this long while it loads a model's weights on demand: stalled
 WATCHDOG_PERIOD_S = 1.0
 EXIT_CODE_ENGINE_DEAD = 70
 EXIT_GRACE_S = 3.0  # a dying worker's in-flight requests get this long to receive their errors
@@ -152,14 +151,14 @@ class Orchard:
         return True, "ok"
 
     def stalled(self) -> bool:
-        """No loop progress for STALL_S while there is work; in a distributed group also when
-        idle (the leader shares a plan at least once a second, so silence means a lost rank)."""
+        """No loop progress for ENGINE_STALL_TIMEOUT while there is work; in a distributed group
+        also when idle (the leader shares a plan at least once a second, so silence means a lost rank)."""
         beat = self.engine.stats.last_beat
         busy = self.catalog.distributed or any(e.running or e.waiting for e in self.catalog.engines)
         # A model loading on demand holds the loop for as long as its weights take to read: a
-        # big one longer than STALL_S. That is progress, up to LOAD_STALL_S.
+        # big one longer than ENGINE_STALL_TIMEOUT. That is progress, up to LOAD_STALL_S.
         limit = LOAD_STALL_S if any(e.state is EngineState.LOADING and e.model is not None
-                                    for e in self.catalog.engines) else STALL_S
+                                    for e in self.catalog.engines) else self.settings.engine_stall_timeout
         return bool(busy and beat and time.monotonic() - beat > limit)
 
     def require_ready(self) -> ChatServing:
@@ -277,7 +276,15 @@ class Orchard:
                 log.critical("engine %s: exiting so Gunicorn starts a fresh worker",
                              "died" if died else "stalled")
                 self.dying = True  # new requests: 503 at once
+                if not died:
+                    # A dead loop answered its requests as it died; a stalled one holds them
+                    # and never will: answer them here, or their clients would see the
+                    # connection reset when the worker exits.
+                    ended = self.catalog.end_open_requests(
+                        f"the engine made no progress for {self.settings.engine_stall_timeout} s; "
+                        "a fresh worker is starting")
+                    log.critical("ended %d requests the stalled engine held", ended)
                 if self._stop_accepting is not None:
                     self._stop_accepting()  # Gunicorn's worker loop closes its listener and ends
                 gevent.sleep(EXIT_GRACE_S)  # let in-flight requests flush their error responses
-                os._exit(EXIT_CODE_ENGINE_DEAD)  # not ended by then (a stalled engine holds them)
+                os._exit(EXIT_CODE_ENGINE_DEAD)

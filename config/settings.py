@@ -72,6 +72,8 @@ class Settings:
     token_rate_limit: int = _spec("TOKEN_RATE_LIMIT", "prompt + max_tokens per minute per key (0: off)", min=0, max=10**12)
     queue_timeout: int = _spec("QUEUE_TIMEOUT", "seconds a request may wait for a batch slot", min=1, max=3600)
     drain_timeout: int = _spec("DRAIN_TIMEOUT", "seconds in-flight requests get to finish after SIGTERM", min=0, max=3600)
+    engine_stall_timeout: int = _spec("ENGINE_STALL_TIMEOUT", "seconds the engine loop may make no progress while it has "
+                                      "work; then its requests end with an error and a fresh worker starts", min=1, max=3600)
     kv_cache_budget: str = _spec("KV_CACHE_BUDGET", "bytes of KV cache admitted requests may reserve: 'auto' or e.g. 2GiB")
     distributed_hostfile: str = _spec("DISTRIBUTED_HOSTFILE", "one model across ranks: MLX's hostfile (JSON, one "
                                                               "list of host:port per rank); empty: one process")
@@ -236,6 +238,7 @@ DEFAULTS: dict[str, str] = {
     "TOKEN_RATE_LIMIT": "0",
     "QUEUE_TIMEOUT": "60",
     "DRAIN_TIMEOUT": "20",
+    "ENGINE_STALL_TIMEOUT": "30",
     "KV_CACHE_BUDGET": "auto",
     "PREFIX_CACHE_BYTES": "auto",
     "MAX_BODY_BYTES": str(8 * 1024 * 1024),

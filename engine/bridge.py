@@ -71,6 +71,14 @@ class OutputBridge:
         self._outbox.extend(items)
         self._watcher.send()
 
+    def end_all(self, finished: Finished) -> int:
+        """Hub side: end every open stream with `finished`, for when the engine thread can no
+        longer answer (it stalled). Whatever it posts for them later is dropped. Returns how many."""
+        streams, self._streams = self._streams, {}
+        for stream in streams.values():
+            stream.push(finished)
+        return len(streams)
+
     def _deliver(self) -> None:
         while self._outbox:
             request_id, message = self._outbox.popleft()

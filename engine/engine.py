@@ -16,6 +16,8 @@ import traceback
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+from gevent import monkey
+
 from engine.bridge import RequestStream
 from engine.messages import (AbortAll, AbortRequest, AddGroup, AddRequest, Admitted, Finished, InjectFault,
                              PromptLogprobs, TokenDelta, UnloadModel)
@@ -23,6 +25,7 @@ from engine.model import LoadedModel
 from engine.scheduler import Scheduler, Sequence
 
 log = logging.getLogger("orchard.engine")
+_native_sleep = monkey.get_original("time", "sleep")  # the engine thread has no hub to yield to
 
 
 AUTO_ADMISSION_WAIT = 8  # ADMISSION_WAIT_STEPS=auto with mlx-lm's BatchGenerator
@@ -511,6 +514,8 @@ class Engine:
 
         def failing_step():
             self._generator.step = real_step
+            if kind == "stall":  # like a kernel that never returns; the watchdog ends the worker
+                _native_sleep(3600)
             raise RuntimeError("injected step fault")
 
         self._generator.step = failing_step

@@ -80,7 +80,7 @@ class UnloadModel:
 @dataclass(frozen=True)
 class InjectFault:
     """Resilience tests only (FAULT_INJECTION=true): 'step' fails the next step,
-    'loop' kills the engine loop itself."""
+    'loop' kills the engine loop itself, 'stall' blocks the next step (for an hour)."""
 
     kind: str
 

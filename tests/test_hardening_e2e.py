@@ -231,7 +231,7 @@ def test_requests_that_fit_alone_but_not_together_are_held_not_crashed(tight):
 # ---- faults -----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def faulty(tiny_server_factory):
-    return tiny_server_factory(FAULT_INJECTION="true")
+    return tiny_server_factory(FAULT_INJECTION="true", ENGINE_STALL_TIMEOUT="2")
 
 
 def test_a_failed_step_fails_its_requests_and_the_server_serves_on(faulty):
@@ -268,6 +268,38 @@ def test_a_dead_engine_loop_restarts_the_worker(faulty):
     assert saw_unhealthy and back < 120
     assert requests.post(faulty.base_url + "/v1/chat/completions", json=body()).status_code == 200
     assert "exiting so Gunicorn starts a fresh worker" in faulty.full_log()
+
+
+def test_a_stalled_engine_ends_its_requests_with_an_error_and_the_worker_restarts(faulty):
+    """The engine thread blocks inside a step (a kernel that never returns): after
+    ENGINE_STALL_TIMEOUT the watchdog answers what the thread holds, plain and streamed, with the
+    API's error (not a connection reset when the worker exits), and a fresh worker serves."""
+    url = faulty.base_url + "/v1/chat/completions"
+    with cf.ThreadPoolExecutor(2) as pool:
+        plain = pool.submit(requests.post, url, json=body(max_tokens=900, ignore_eos=True))
+        streamed = pool.submit(lambda: requests.post(url, json=body(max_tokens=900, ignore_eos=True, stream=True)).text)
+        time.sleep(0.4)
+        assert requests.post(faulty.base_url + "/debug/fault", json={"kind": "stall"}).status_code == 200
+        stalled = time.monotonic()
+        assert plain.result().status_code == 500, plain.result().text
+        error = plain.result().json()["error"]
+        assert error["code"] == "engine_error" and "no progress for 2 s" in error["message"], error
+        events = [line for line in streamed.result().splitlines() if line.startswith("data: ")]
+        answered = time.monotonic() - stalled
+    assert '"error"' in events[-2] and "no progress" in events[-2] and events[-1] == "data: [DONE]", events[-3:]
+    assert answered < 10, answered  # the stall limit and a watchdog period, not the worker's exit
+    start = time.monotonic()
+    while time.monotonic() - start < 120:
+        try:
+            if requests.get(faulty.base_url + "/health", timeout=2).status_code == 200:
+                break
+        except requests.RequestException:
+            pass
+        time.sleep(0.1)
+    faulty.mark_ready()
+    assert requests.post(url, json=body()).status_code == 200
+    log = faulty.full_log()
+    assert "ended 2 requests the stalled engine held" in log and "engine stalled: exiting" in log
 
 
 # ---- SIGTERM ----------------------------------------------------------------------------

@@ -32,3 +32,12 @@ def test_a_request_larger_than_the_whole_limit_says_so(ctx):
 def test_no_limits_means_no_headers(ctx):
     limiter = RateLimiter(0, 0)
     assert not limiter.enabled
+
+
+def test_without_limits_nothing_is_charged_and_no_storage_timer_starts(ctx):
+    import threading
+
+    before = threading.active_count()
+    limiter = RateLimiter(0, 0)
+    assert not limiter.enabled and limiter.charge("k", 10**9) == {}
+    assert threading.active_count() == before  # MemoryStorage would start its expiry timer

@@ -1,10 +1,12 @@
 """When the worker's watchdog calls the engine stalled: silence while there is work, except
-while a model's weights load on demand (a big one takes longer than STALL_S)."""
+while a model's weights load on demand (a big one takes longer than ENGINE_STALL_TIMEOUT)."""
 import time
 from types import SimpleNamespace
 
-from app.state import LOAD_STALL_S, STALL_S, Orchard
+from app.state import LOAD_STALL_S, Orchard
 from engine.engine import EngineState
+
+STALL_S = 7  # ENGINE_STALL_TIMEOUT
 
 
 def orchard_with(*engines, beat_age: float, distributed: bool = False) -> Orchard:
@@ -12,6 +14,7 @@ def orchard_with(*engines, beat_age: float, distributed: bool = False) -> Orchar
     for engine in engines:
         engine.stats = SimpleNamespace(last_beat=time.monotonic() - beat_age)
     orchard.engine = engines[0]
+    orchard.settings = SimpleNamespace(engine_stall_timeout=STALL_S)
     orchard.catalog = SimpleNamespace(engines=list(engines), distributed=distributed)
     return orchard
 

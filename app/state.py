@@ -85,6 +85,7 @@ class Orchard:
         self.dying = False  # the engine died: answering 503 until this worker exits
         self._stop_accepting: Optional[Callable[[], None]] = None
         self._drainer = None  # the greenlet running _drain, once SIGTERM arrived
+        self._engine_stuck = False  # the drain asked the engine thread to stop and it did not
         self._services: dict[str, ModelServices] = {}
         from app.api.responses.store import ResponseStore
 
@@ -249,6 +250,10 @@ class Orchard:
             for engine in self.catalog.engines:
                 engine.abort_all("abort")
         self.stop_engine()
+        if self.catalog.host_alive():  # stuck in a step: nothing it holds would ever end
+            self._engine_stuck = True
+            ended = self.catalog.end_open_requests("the engine did not stop when the server shut down")
+            log.critical("the engine did not stop; ended the %d requests it held", ended)
         log.info("drained; engine %s", self.engine.state.value)
 
     def finish(self, timeout: float = 5.0) -> None:
@@ -256,7 +261,8 @@ class Orchard:
         Gunicorn exits; the drain notices within a poll), then make sure the engine stopped."""
         if self._drainer is not None:
             self._drainer.join(timeout)
-        self.stop_engine(timeout)
+        if not self._engine_stuck:  # it waited for the thread already; the exit ends it
+            self.stop_engine(timeout)
 
     def stop_engine(self, timeout: float = 5.0) -> None:
         """Ask the engine thread to finish its step and stop; wait for it."""

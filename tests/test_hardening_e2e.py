@@ -332,6 +332,28 @@ def test_sigterm_refuses_new_work_finishes_in_flight_and_exits_zero(tiny_server_
     assert "was sent SIG" not in log and "exited with code" not in log
 
 
+def test_a_drain_of_a_stalled_engine_still_answers_what_it_held(tiny_server_factory):
+    """SIGTERM while the engine thread is stuck in a step (before the watchdog's limit): the
+    abort can never be applied, so once the engine does not stop, the drain ends its requests
+    with the API's error instead of leaving them to a reset at Gunicorn's graceful timeout."""
+    server = tiny_server_factory(FAULT_INJECTION="true", DRAIN_TIMEOUT="1")
+    url = server.base_url + "/v1/chat/completions"
+    with cf.ThreadPoolExecutor(2) as pool:
+        plain = pool.submit(requests.post, url, json=body(max_tokens=900, ignore_eos=True), timeout=60)
+        streamed = pool.submit(lambda: requests.post(url, json=body(max_tokens=900, ignore_eos=True, stream=True),
+                                                     timeout=60).text)
+        time.sleep(0.4)
+        assert requests.post(server.base_url + "/debug/fault", json={"kind": "stall"}).status_code == 200
+        time.sleep(0.3)
+        server.proc.send_signal(signal.SIGTERM)
+        assert plain.result().status_code == 500, plain.result().text
+        assert "did not stop" in plain.result().json()["error"]["message"]
+        events = [line for line in streamed.result().splitlines() if line.startswith("data: ")]
+    assert '"error"' in events[-2] and "did not stop" in events[-2] and events[-1] == "data: [DONE]", events[-3:]
+    server.proc.wait(60)
+    assert "the engine did not stop; ended the 2 requests it held" in server.full_log()
+
+
 def test_drain_budget_ends_long_requests_with_a_clear_reason(tiny_server_factory):
     server = tiny_server_factory(DRAIN_TIMEOUT="1", GRACEFUL_TIMEOUT="5")
     with cf.ThreadPoolExecutor(4) as pool:

@@ -31,6 +31,12 @@ class OrchardWorker(GeventWorker):
         self._stopping = Event()
         super().init_process()
 
+    def load_wsgi(self):
+        from engine.host import EngineHost
+
+        EngineHost.freeze_start_up = True  # this process serves one host for its life
+        super().load_wsgi()
+
     def handle_exit(self, sig, frame):
         super().handle_exit(sig, frame)  # alive = False
         self.wake()

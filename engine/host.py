@@ -32,6 +32,11 @@ _IDLE_WAKE_S = 1.0  # idle heartbeat, so liveness checks see a beating loop
 
 
 class EngineHost:
+    # Set by the processes that run one host for their whole life (the Gunicorn worker:
+    # app/worker.py; a follower rank: orchard/group.py), never in-process tests: see
+    # _freeze_start_up. Class-wide because it must be known before the app builds its host.
+    freeze_start_up = False
+
     def __init__(self, engines: list, memory_budget: Optional[int] = None, join_group=None):
         self.engines = list(engines)
         self._join_group = join_group  # () -> engine.distributed.StepGroup, for one model across ranks
@@ -57,6 +62,7 @@ class EngineHost:
         from engine import blas
 
         self.blas = blas.in_use()
+        self._freeze_start_up()
         self.alive = True
         _start_native_thread(self._run, ())
 
@@ -71,6 +77,7 @@ class EngineHost:
         applying the leader's plans, until the leader shuts the group down or it is lost."""
         for engine in self.engines:
             engine.preload()
+        self._freeze_start_up()
         self.alive = True
         self._run()
         if self.error is not None:
@@ -121,6 +128,8 @@ class EngineHost:
             self.memory_budget = loaded + memory.auto_budget(loaded)
         self._apply_mlx_limits()
         self.rebalance()
+        if self.freeze_start_up:
+            gc.freeze()  # the text sides and pinned weights: as long-lived (see _freeze_start_up)
         self._beat()
 
     def _apply_mlx_limits(self) -> None:
@@ -223,11 +232,26 @@ class EngineHost:
         self.rebalance()
         self._beat(sample=True)  # the memory it returned shows in status at once
 
+    def _freeze_start_up(self) -> None:
+        """Collect once, then move everything start-up made (imports, the app; at the end of
+        _open_all the models' text sides and pinned weights) out of the garbage collector's
+        reach (`gc.freeze`). A full collection holds the GIL for as long as it walks every
+        object, ~0.12 s for a worker's ~150,000 here, and one ran on this thread at every model
+        load and unload while the event loop served (_release), besides Python's own occasional
+        full collections on any thread. Frozen objects are still freed by reference counting;
+        only a cycle among them never would be, and these live as long as the process. Runs
+        before the host thread starts, so the one slow collection happens before serving."""
+        if not self.freeze_start_up:
+            return
+        gc.collect()
+        gc.freeze()
+        log.info("%d start-up objects frozen: kept out of garbage collections", gc.get_freeze_count())
+
     @staticmethod
     def _release() -> None:
         import mlx.core as mx
 
-        gc.collect()
+        gc.collect()  # cycles that hold a dropped model's arrays; fast: start-up objects are frozen
         mx.clear_cache()
 
     def _beat(self, sample: bool = False) -> None:
@@ -249,3 +273,4 @@ class EngineHost:
         for engine, message in left:
             if isinstance(message, (AddRequest, AddGroup)) and engine is not None:
                 engine.refuse(message, why)
+

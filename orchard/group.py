@@ -32,6 +32,9 @@ def run_follower(settings) -> int:
     from app.catalog import ModelCatalog
 
     configure_logging(settings.log_level)
+    from engine.host import EngineHost
+
+    EngineHost.freeze_start_up = True  # this process runs one host for its life
     host = ModelCatalog.build_host(settings)
     try:
         host.run_follower()

@@ -236,9 +236,9 @@ class EngineHost:
         """Collect once, then move everything start-up made (imports, the app; at the end of
         _open_all the models' text sides and pinned weights) out of the garbage collector's
         reach (`gc.freeze`). A full collection holds the GIL for as long as it walks every
-        object, ~0.12 s for a worker's ~150,000 here, and one ran on this thread at every model
-        load and unload while the event loop served (_release), besides Python's own occasional
-        full collections on any thread. Frozen objects are still freed by reference counting;
+        object (0.06-0.14 s for a worker's 100,000-150,000 here: bench.loop_gaps), and one ran
+        on this thread at every model load and unload while the event loop served (_release),
+        besides Python's own occasional full collections on any thread. Frozen objects are still freed by reference counting;
         only a cycle among them never would be, and these live as long as the process. Runs
         before the host thread starts, so the one slow collection happens before serving."""
         if not self.freeze_start_up:
@@ -273,4 +273,3 @@ class EngineHost:
         for engine, message in left:
             if isinstance(message, (AddRequest, AddGroup)) and engine is not None:
                 engine.refuse(message, why)
-

@@ -28,12 +28,11 @@ RESTART_DELAY_S = 1.0
 
 def run_follower(settings) -> int:
     """A follower rank: join the group, load this rank's share of the model, follow the leader."""
-    from app.request_log import configure_logging
     from app.catalog import ModelCatalog
-
-    configure_logging(settings.log_level)
+    from app.request_log import configure_logging
     from engine.host import EngineHost
 
+    configure_logging(settings.log_level)
     EngineHost.freeze_start_up = True  # this process runs one host for its life
     host = ModelCatalog.build_host(settings)
     try:

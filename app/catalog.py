@@ -103,12 +103,17 @@ class ModelCatalog:
         return [e for e in self.engines if e.pinned]
 
     @property
+    def host(self):
+        """The EngineHost every local model runs on (a single MODEL's engine starts its own)."""
+        return self._host or getattr(self.first_engine, "_host", None)
+
+    @property
     def distributed(self) -> bool:
-        host = self._host or getattr(self.first_engine, "_host", None)
+        host = self.host
         return bool(host is not None and host.group is not None)
 
     def host_alive(self) -> bool:
-        host = self._host or getattr(self.first_engine, "_host", None)
+        host = self.host
         return bool(host is not None and host.alive)
 
     def end_open_requests(self, why: str) -> int:
@@ -116,13 +121,13 @@ class ModelCatalog:
         thread never will); how many there were."""
         from engine.messages import Finished
 
-        host = self._host or getattr(self.first_engine, "_host", None)
+        host = self.host
         if host is None or host.bridge is None:
             return 0
         return host.bridge.end_all(Finished("error", error=why))
 
     def host_died(self) -> bool:
-        host = self._host or getattr(self.first_engine, "_host", None)
+        host = self.host
         return bool(host is not None and host.error is not None)
 
     def targets(self, name: str, kind: str = "chat", param: str = "model") -> tuple[ModelEntry, ...]:

@@ -234,18 +234,38 @@ def faulty(tiny_server_factory):
     return tiny_server_factory(FAULT_INJECTION="true", ENGINE_STALL_TIMEOUT="2")
 
 
-def test_a_failed_step_fails_its_requests_and_the_server_serves_on(faulty):
-    url = faulty.base_url + "/v1/chat/completions"
+def fault_in_flight(server: ServerProcess, kind: str, then=lambda: None) -> tuple[requests.Response, list[str]]:
+    """A plain and a streamed long request in flight, then the fault `kind` (and `then()`):
+    the plain response and the stream's data lines, once both ended."""
+    url = server.base_url + "/v1/chat/completions"
     with cf.ThreadPoolExecutor(2) as pool:
-        plain = pool.submit(requests.post, url, json=body(max_tokens=900, ignore_eos=True))
-        streamed = pool.submit(lambda: requests.post(url, json=body(max_tokens=900, ignore_eos=True, stream=True)).text)
+        plain = pool.submit(requests.post, url, json=body(max_tokens=900, ignore_eos=True), timeout=60)
+        streamed = pool.submit(lambda: requests.post(url, json=body(max_tokens=900, ignore_eos=True, stream=True),
+                                                     timeout=60).text)
         time.sleep(0.4)
-        assert requests.post(faulty.base_url + "/debug/fault", json={"kind": "step"}).status_code == 200
-        assert plain.result().status_code == 500
-        assert plain.result().json()["error"]["code"] == "engine_error"
-        events = [line for line in streamed.result().splitlines() if line.startswith("data: ")]
-        assert '"error"' in events[-2] and events[-1] == "data: [DONE]"
-    assert requests.post(url, json=body()).status_code == 200
+        assert requests.post(server.base_url + "/debug/fault", json={"kind": kind}).status_code == 200
+        then()
+        return plain.result(), [line for line in streamed.result().splitlines() if line.startswith("data: ")]
+
+
+def wait_healthy(server: ServerProcess, timeout: float = 120) -> None:
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        try:
+            if requests.get(server.base_url + "/health", timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"not healthy after {timeout} s:\n{server.log()}")
+
+
+def test_a_failed_step_fails_its_requests_and_the_server_serves_on(faulty):
+    plain, events = fault_in_flight(faulty, "step")
+    assert plain.status_code == 500
+    assert plain.json()["error"]["code"] == "engine_error"
+    assert '"error"' in events[-2] and events[-1] == "data: [DONE]"
+    assert requests.post(faulty.base_url + "/v1/chat/completions", json=body()).status_code == 200
     assert requests.get(faulty.base_url + "/health").status_code == 200
 
 
@@ -274,30 +294,17 @@ def test_a_stalled_engine_ends_its_requests_with_an_error_and_the_worker_restart
     """The engine thread blocks inside a step (a kernel that never returns): after
     ENGINE_STALL_TIMEOUT the watchdog answers what the thread holds, plain and streamed, with the
     API's error (not a connection reset when the worker exits), and a fresh worker serves."""
-    url = faulty.base_url + "/v1/chat/completions"
-    with cf.ThreadPoolExecutor(2) as pool:
-        plain = pool.submit(requests.post, url, json=body(max_tokens=900, ignore_eos=True))
-        streamed = pool.submit(lambda: requests.post(url, json=body(max_tokens=900, ignore_eos=True, stream=True)).text)
-        time.sleep(0.4)
-        assert requests.post(faulty.base_url + "/debug/fault", json={"kind": "stall"}).status_code == 200
-        stalled = time.monotonic()
-        assert plain.result().status_code == 500, plain.result().text
-        error = plain.result().json()["error"]
-        assert error["code"] == "engine_error" and "no progress for 2 s" in error["message"], error
-        events = [line for line in streamed.result().splitlines() if line.startswith("data: ")]
-        answered = time.monotonic() - stalled
+    started = time.monotonic()
+    plain, events = fault_in_flight(faulty, "stall")  # the fault 0.4 s after the requests
+    answered = time.monotonic() - started - 0.4
+    assert plain.status_code == 500, plain.text
+    error = plain.json()["error"]
+    assert error["code"] == "engine_error" and "no progress for 2 s" in error["message"], error
     assert '"error"' in events[-2] and "no progress" in events[-2] and events[-1] == "data: [DONE]", events[-3:]
     assert answered < 10, answered  # the stall limit and a watchdog period, not the worker's exit
-    start = time.monotonic()
-    while time.monotonic() - start < 120:
-        try:
-            if requests.get(faulty.base_url + "/health", timeout=2).status_code == 200:
-                break
-        except requests.RequestException:
-            pass
-        time.sleep(0.1)
+    wait_healthy(faulty)
     faulty.mark_ready()
-    assert requests.post(url, json=body()).status_code == 200
+    assert requests.post(faulty.base_url + "/v1/chat/completions", json=body()).status_code == 200
     log = faulty.full_log()
     assert "ended 2 requests the stalled engine held" in log and "engine stalled: exiting" in log
 
@@ -337,18 +344,10 @@ def test_a_drain_of_a_stalled_engine_still_answers_what_it_held(tiny_server_fact
     abort can never be applied, so once the engine does not stop, the drain ends its requests
     with the API's error instead of leaving them to a reset at Gunicorn's graceful timeout."""
     server = tiny_server_factory(FAULT_INJECTION="true", DRAIN_TIMEOUT="1")
-    url = server.base_url + "/v1/chat/completions"
-    with cf.ThreadPoolExecutor(2) as pool:
-        plain = pool.submit(requests.post, url, json=body(max_tokens=900, ignore_eos=True), timeout=60)
-        streamed = pool.submit(lambda: requests.post(url, json=body(max_tokens=900, ignore_eos=True, stream=True),
-                                                     timeout=60).text)
-        time.sleep(0.4)
-        assert requests.post(server.base_url + "/debug/fault", json={"kind": "stall"}).status_code == 200
-        time.sleep(0.3)
-        server.proc.send_signal(signal.SIGTERM)
-        assert plain.result().status_code == 500, plain.result().text
-        assert "did not stop" in plain.result().json()["error"]["message"]
-        events = [line for line in streamed.result().splitlines() if line.startswith("data: ")]
+    plain, events = fault_in_flight(server, "stall",
+                                    then=lambda: (time.sleep(0.3), server.proc.send_signal(signal.SIGTERM)))
+    assert plain.status_code == 500, plain.text
+    assert "did not stop" in plain.json()["error"]["message"]
     assert '"error"' in events[-2] and "did not stop" in events[-2] and events[-1] == "data: [DONE]", events[-3:]
     server.proc.wait(60)
     assert "the engine did not stop; ended the 2 requests it held" in server.full_log()

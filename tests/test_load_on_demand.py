@@ -7,6 +7,7 @@ tokenizer (a second build fails these tests loudly), and a serving process freez
 start-up objects, so the collection around a load walks only what came after."""
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 
@@ -43,11 +44,13 @@ def test_the_weights_alone_load_with_the_text_sides_tokenizer(tiny_model_dir, mo
     assert all(mx.array_equal(mine[k], theirs[k]).item() for k in mine)
 
 
-def test_an_engine_loading_on_demand_keeps_its_tokenizer_and_answers(tiny_model_dir, monkeypatch):
+@contextlib.contextmanager
+def on_demand_engine(model_dir):
+    """A started host serving `model_dir` unpinned: its text side open, its weights on disk."""
     from engine.factory import build_host
 
-    settings = load_settings({"MODEL": str(tiny_model_dir)}, dotenv=False)
-    host = build_host(settings, [ModelEntry(id="tiny", source=str(tiny_model_dir))])  # not pinned: on demand
+    settings = load_settings({"MODEL": str(model_dir)}, dotenv=False)
+    host = build_host(settings, [ModelEntry(id="tiny", source=str(model_dir))])  # not pinned: on demand
     engine = host.engines[0]
     host.start()
     try:
@@ -55,39 +58,34 @@ def test_an_engine_loading_on_demand_keeps_its_tokenizer_and_answers(tiny_model_
             while engine.state is not EngineState.UNLOADED:
                 assert engine.state is not EngineState.FAILED, engine.error
                 gevent.sleep(0.02)
+        yield engine
+    finally:
+        host.shutdown()
+
+
+def test_an_engine_loading_on_demand_keeps_its_tokenizer_and_answers(tiny_model_dir, monkeypatch):
+    with on_demand_engine(tiny_model_dir) as engine:
         tokenizer = engine.model.tokenizer
         monkeypatch.setattr(mlx_lm.utils, "load_tokenizer", _no_second_tokenizer)
         tokens, finished = run(engine, tokenizer.encode("Hello world"), max_tokens=3)
         assert finished.finish_reason == "length" and len(tokens) == 3, finished
         assert engine.state is EngineState.READY and engine.model.tokenizer is tokenizer
         assert engine.stats.loads == 1
-    finally:
-        host.shutdown()
 
 
 def test_a_serving_host_freezes_its_start_up_objects(tiny_model_dir, monkeypatch):
     """What a Gunicorn worker or follower rank does (app/worker.py, orchard/group.py)."""
-    from engine.factory import build_host
-
     monkeypatch.setattr(EngineHost, "freeze_start_up", True)
-    settings = load_settings({"MODEL": str(tiny_model_dir)}, dotenv=False)
-    host = build_host(settings, [ModelEntry(id="tiny", source=str(tiny_model_dir))])
-    engine = host.engines[0]
-    host.start()
     try:
-        with gevent.Timeout(60):
-            while engine.state is not EngineState.UNLOADED:
-                assert engine.state is not EngineState.FAILED, engine.error
-                gevent.sleep(0.02)
-        tokenizer = engine.model.tokenizer
-        with gevent.Timeout(30):  # the host thread freezes the text sides right after opening them
-            while any(o is tokenizer for o in gc.get_objects()):
-                gevent.sleep(0.05)
-        assert gc.get_freeze_count() > 4 * len(gc.get_objects())  # a collection walks a fraction
-        tokens, finished = run(engine, tokenizer.encode("Hello world"), max_tokens=3)  # loads on demand
-        assert finished.finish_reason == "length" and engine.state is EngineState.READY
+        with on_demand_engine(tiny_model_dir) as engine:
+            tokenizer = engine.model.tokenizer
+            with gevent.Timeout(30):  # the host thread freezes the text sides right after opening them
+                while any(o is tokenizer for o in gc.get_objects()):
+                    gevent.sleep(0.05)
+            assert gc.get_freeze_count() > 4 * len(gc.get_objects())  # a collection walks a fraction
+            tokens, finished = run(engine, tokenizer.encode("Hello world"), max_tokens=3)  # loads on demand
+            assert finished.finish_reason == "length" and engine.state is EngineState.READY
     finally:
-        host.shutdown()
         gc.unfreeze()  # this test process runs many hosts; only a serving process keeps them frozen
 
 

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Iterator, Mapping
 from urllib.parse import urlsplit
 
+import gevent
 import requests
 from flask import Response, has_request_context, request
 
@@ -64,6 +65,9 @@ class RemoteModel:
         self._key = self.spec.api_key(env)
         self._host = urlsplit(self.spec.base_url).netloc
         self._session = requests.Session()
+        # gevent imports its DNS resolver on the first lookup: here, at start, not inside the
+        # first forwarded request, where the import (a cold disk on CI) blocked the event loop.
+        gevent.get_hub().resolver
 
     def __repr__(self) -> str:
         return f"RemoteModel(id={self.entry.id!r}, base_url={self.spec.base_url!r}, model={self.spec.model!r})"

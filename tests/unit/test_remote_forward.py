@@ -274,3 +274,17 @@ def test_only_remote_entries_and_known_paths_are_forwarded(upstream):
         RemoteModel(ModelEntry(id="local", source="embedded"), {})
     with pytest.raises(ValueError):
         remote_model(upstream.base_url).forward("/../admin", {}, stream=False, request_id="r")
+
+
+def test_a_remote_model_imports_the_dns_resolver_at_start_not_in_its_first_request():
+    """A fresh interpreter, as a worker is: building the remote model loads gevent's resolver."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from app.remote import RemoteModel\n"
+            "from config.models_file import ModelEntry, RemoteSpec\n"
+            "assert 'gevent.resolver.thread' not in sys.modules\n"
+            "RemoteModel(ModelEntry(id='big', remote=RemoteSpec(base_url='http://127.0.0.1:9/v1', model='m')), {})\n"
+            "assert 'gevent.resolver.thread' in sys.modules\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
